@@ -1,0 +1,104 @@
+"""Configuration: defaults, environment overrides, .env files, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_VARIABLE_PREFIXES, connect, run_demo
+from local_cluster import LocalCluster
+from sharding_demo import DemoSettings, MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No demo variables from the outer environment, and an empty folder for .env files."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(DEMO_VARIABLE_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_match_the_original_demo_and_compose() -> None:
+    expected_ports = {MasterDBSettings: 5432, ReplicaOneSettings: 5433, ReplicaTwoSettings: 5434}
+    for settings_class, port in expected_ports.items():
+        settings = settings_class()
+        assert (settings.host, settings.port, settings.user, settings.name) == (
+            "localhost",
+            port,
+            "postgres",
+            "postgres",
+        )
+        assert settings.password.get_secret_value() == "postgres"
+    demo = DemoSettings()
+    assert (demo.read_policy, demo.catchup_timeout, demo.connect_timeout) == ("random", 5.0, 3)
+
+
+def test_environment_overrides_each_server_separately(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MASTER_DB_HOST", "db.example")
+    monkeypatch.setenv("MASTER_DB_PORT", "6000")
+    monkeypatch.setenv("REPLICA_TWO_USER", "reader")
+    monkeypatch.setenv("REPLICA_TWO_PASSWORD", "s3cret")
+    monkeypatch.setenv("REPLICA_TWO_NAME", "app")
+    monkeypatch.setenv("DEMO_READ_POLICY", "round-robin")
+    master, one, two = MasterDBSettings(), ReplicaOneSettings(), ReplicaTwoSettings()
+    assert (master.host, master.port) == ("db.example", 6000)
+    assert (one.host, one.port, one.user) == ("localhost", 5433, "postgres")
+    assert (two.user, two.password.get_secret_value(), two.name) == ("reader", "s3cret", "app")
+    assert DemoSettings().read_policy == "round-robin"
+
+
+def test_dotenv_file_is_read_and_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, isolated_settings: Path
+) -> None:
+    (isolated_settings / ".env").write_text(
+        "MASTER_DB_PORT=7000\nREPLICA_ONE_HOST=replica.example\nREPLICA_TWO_PORT=7002\nDEMO_CATCHUP_TIMEOUT=1.5\n"
+    )
+    monkeypatch.setenv("REPLICA_TWO_PORT", "8002")
+    assert MasterDBSettings().port == 7000
+    assert ReplicaOneSettings().host == "replica.example"
+    assert ReplicaTwoSettings().port == 8002
+    assert DemoSettings().catchup_timeout == 1.5
+
+
+def test_url_quotes_any_password_and_hides_it() -> None:
+    settings = MasterDBSettings(password="p@ss:w/rd% 'x\"")  # type: ignore[arg-type]
+    url = settings.url()
+    assert url.password == "p@ss:w/rd% 'x\""
+    assert "p@ss" not in str(url) and "p@ss" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("MASTER_DB_PORT", "abc", "invalid setting MASTER_DB_PORT=abc: Input should be a valid integer"),
+        ("REPLICA_ONE_PORT", "70000", "invalid setting REPLICA_ONE_PORT=70000: Input should be less than"),
+        ("REPLICA_TWO_PORT", "0", "invalid setting REPLICA_TWO_PORT=0: Input should be greater than"),
+        ("DEMO_READ_POLICY", "fastest", "invalid setting DEMO_READ_POLICY=fastest: Input should be"),
+        ("DEMO_CATCHUP_TIMEOUT", "-1", "invalid setting DEMO_CATCHUP_TIMEOUT=-1"),
+    ],
+)
+def test_invalid_value_is_one_line_naming_the_variable_and_writes_nothing(
+    cluster: LocalCluster, variable: str, value: str, expected: str
+) -> None:
+    with connect(cluster.primary) as primary:
+        before = primary.execute("SELECT count(*) FROM tbl_users").fetchone()
+    result = run_demo(cluster, env={variable: value})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"sharding_demo.py: error: {expected}")
+    with connect(cluster.primary) as primary:
+        assert primary.execute("SELECT count(*) FROM tbl_users").fetchone() == before
+
+
+def test_invalid_flag_is_a_usage_error() -> None:
+    result = run_demo(None, "--policy", "fastest")
+    assert result.returncode == 2
+    assert "invalid choice: 'fastest'" in result.stderr
+    assert "Traceback" not in result.stderr

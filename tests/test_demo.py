@@ -1,0 +1,178 @@
+"""sharding_demo.py run as a subprocess against the real cluster; assertions on what the servers hold."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from conftest import connect, run_demo
+from local_cluster import LocalCluster
+from sharding_demo import uuid7_created_at
+
+
+@pytest.fixture(scope="module")
+def demo_run(cluster: LocalCluster) -> dict[str, Any]:
+    """One run of the demo with --json; the tests below each check one part of its promise."""
+    started = datetime.now(UTC)
+    result = run_demo(cluster, "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no warnings on a healthy cluster
+    report: dict[str, Any] = json.loads(result.stdout)
+    report["_started"] = started
+    return report
+
+
+def rows_by_partition_on_primary(cluster: LocalCluster) -> dict[str, str]:
+    """Where the server says each row is: tableoid is the partition that physically holds it."""
+    with connect(cluster.primary) as primary:
+        rows = primary.execute("SELECT id::text, tableoid::regclass::text FROM tbl_users").fetchall()
+    return {str(user_id): str(partition) for user_id, partition in rows}
+
+
+def test_inserts_the_five_demo_users(cluster: LocalCluster, demo_run: dict[str, Any]) -> None:
+    inserted = demo_run["inserted"]
+    assert [user["first_name"] for user in inserted] == ["John", "Jane", "Bob", "Alice", "Charlie"]
+    ids = [uuid.UUID(user["id"]) for user in inserted]
+    assert all(user_id.version == 7 for user_id in ids)
+    assert ids == sorted(ids)  # UUIDv7 sort by creation time
+    on_primary = rows_by_partition_on_primary(cluster)
+    assert {str(user_id) for user_id in ids} <= on_primary.keys()
+
+
+def test_insert_was_written_by_the_primary(demo_run: dict[str, Any]) -> None:
+    assert demo_run["written_to"] == "master-db"
+    assert demo_run["in_recovery"] is False
+
+
+def test_partitions_come_from_the_catalog_and_counts_sum_to_the_table(
+    cluster: LocalCluster, demo_run: dict[str, Any]
+) -> None:
+    partitions = demo_run["partitions"]
+    assert [p["name"] for p in partitions] == [f"tbl_users_p{n}" for n in range(4)]
+    assert [p["bound"] for p in partitions] == [
+        f"FOR VALUES WITH (modulus 4, remainder {n})" for n in range(4)
+    ]
+    for partition in partitions:
+        assert partition["count"] == len(partition["rows"])
+    total = sum(p["count"] for p in partitions)
+    # Other tests may have added rows since; the demo's read must equal the table at that time,
+    # which includes at least the five it inserted.
+    with connect(cluster.primary) as primary:
+        assert total <= primary.execute("SELECT count(*) FROM tbl_users").fetchone()[0]  # type: ignore[index]
+    assert total >= 5
+
+
+def test_every_row_is_reported_in_the_partition_the_server_put_it_in(
+    cluster: LocalCluster, demo_run: dict[str, Any]
+) -> None:
+    on_primary = rows_by_partition_on_primary(cluster)
+    reported = {row["id"]: p["name"] for p in demo_run["partitions"] for row in p["rows"]}
+    assert reported, "the demo reported no rows"
+    for user_id, partition in reported.items():
+        assert on_primary[user_id] == partition, user_id
+    for user in demo_run["inserted"]:
+        assert reported[user["id"]] == on_primary[user["id"]]
+
+
+def test_reads_were_served_by_replicas_in_recovery(demo_run: dict[str, Any]) -> None:
+    reads = [*demo_run["partitions"], demo_run["first_user"]]
+    for read in reads:
+        assert read["read_from"] in {"replica-one", "replica-two"}
+        assert read["in_recovery"] is True
+
+
+def test_replicas_caught_up_before_the_reads(demo_run: dict[str, Any]) -> None:
+    catchup = {entry["replica"]: entry for entry in demo_run["catchup"]}
+    assert catchup.keys() == {"replica-one", "replica-two"}
+    assert all(entry["caught_up"] and entry["lag_bytes"] == 0 for entry in catchup.values())
+    assert demo_run["warnings"] == []
+
+
+def test_first_user_and_its_creation_time_from_the_uuid7(
+    cluster: LocalCluster, demo_run: dict[str, Any]
+) -> None:
+    first = demo_run["first_user"]
+    with connect(cluster.primary) as primary:
+        smallest = primary.execute(
+            "SELECT id::text, first_name FROM tbl_users ORDER BY id LIMIT 1"
+        ).fetchone()
+    assert (first["id"], first["first_name"]) == smallest
+    created_at = datetime.fromisoformat(first["created_at"])
+    assert created_at.tzinfo is not None and created_at.utcoffset() == timedelta(0)
+    assert created_at == uuid7_created_at(uuid.UUID(first["id"]))
+
+
+def test_the_demo_s_own_users_carry_their_creation_time(demo_run: dict[str, Any]) -> None:
+    started = demo_run["_started"]
+    for user in demo_run["inserted"]:
+        created_at = uuid7_created_at(uuid.UUID(user["id"]))
+        assert created_at is not None
+        # UUIDv7 holds milliseconds; allow a little for clock granularity.
+        assert started - timedelta(seconds=1) <= created_at <= datetime.now(UTC)
+
+
+def test_server_logs_show_selects_on_replicas_and_the_insert_only_on_the_primary(
+    cluster: LocalCluster, demo_run: dict[str, Any]
+) -> None:
+    # log_statement = 'all' and log_line_prefix with app=%a make each server's log the proof.
+    assert demo_run  # the run happened before we read the logs
+    inserts = re.compile(r"app=sharding_demo .*INSERT INTO tbl_users")
+    selects = re.compile(r"app=sharding_demo .*SELECT count\(\*\)")
+    primary_log = cluster.primary.log_text()
+    assert inserts.search(primary_log)
+    assert not selects.search(primary_log)
+    replicas_used = {p["read_from"] for p in demo_run["partitions"]}
+    for replica in cluster.replicas:
+        log = replica.log_text()
+        assert not inserts.search(log), replica.name
+        assert bool(selects.search(log)) == (replica.name in replicas_used), replica.name
+
+
+def test_text_output_names_partitions_and_servers(cluster: LocalCluster) -> None:
+    result = run_demo(cluster)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    partition_lines = [line for line in lines if line.startswith("Partition ")]
+    assert [line.split(":")[0] for line in partition_lines] == [f"Partition tbl_users_p{n}" for n in range(4)]
+    assert all(re.fullmatch(r"Partition tbl_users_p\d: \d+ records", line) for line in partition_lines)
+    assert sum(int(line.split()[2]) for line in partition_lines) >= 5
+    assert re.search(r"read from replica-(one|two) 127\.0\.0\.1:\d+, standby, in recovery", result.stdout)
+    assert re.search(
+        r"^User: \w+ \(ID: [0-9a-f-]{36}, CreatedDate: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)$",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert "Inserted 5 users in one transaction on master-db" in result.stdout
+
+
+def test_round_robin_alternates_between_the_replicas(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, "--json", "--policy", "round-robin")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    order = [p["read_from"] for p in report["partitions"]] + [report["first_user"]["read_from"]]
+    assert all(a != b for a, b in itertools.pairwise(order)), order
+    assert set(order) == {"replica-one", "replica-two"}
+
+
+def test_help_documents_every_flag_and_variable() -> None:
+    result = run_demo(None, "--help")
+    assert result.returncode == 0
+    for word in [
+        "--json",
+        "--policy",
+        "--catchup-timeout",
+        "DEMO_READ_POLICY",
+        "DEMO_CATCHUP_TIMEOUT",
+        "DEMO_CONNECT_TIMEOUT",
+        "exit codes",
+    ]:
+        assert word in result.stdout
+    for prefix in ["MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_"]:
+        for name in ["HOST", "PORT", "USER", "PASSWORD", "NAME"]:
+            assert prefix + name in result.stdout

@@ -1,0 +1,82 @@
+"""Expected failures: one line on stderr naming the server and the cause, a distinct exit code,
+no traceback and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from psycopg import sql
+
+from conftest import connect, free_port_base, run_demo
+from local_cluster import LocalCluster
+
+
+def count_rows(cluster: LocalCluster) -> int:
+    with connect(cluster.primary) as primary:
+        return int(primary.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("sharding_demo.py: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_primary_unreachable(cluster: LocalCluster) -> None:
+    closed_port = str(free_port_base())
+    result = run_demo(cluster, env={"MASTER_DB_PORT": closed_port})
+    assert result.returncode == 3
+    assert_one_line_error(result.stderr, f"cannot connect to master-db (127.0.0.1:{closed_port})")
+
+
+def test_wrong_password(cluster: LocalCluster) -> None:
+    before = count_rows(cluster)
+    result = run_demo(cluster, env={"MASTER_DB_PASSWORD": "not-the-password"})
+    assert result.returncode == 4
+    assert_one_line_error(result.stderr, "master-db", "refused the login", "password authentication failed")
+    assert "not-the-password" not in result.stderr
+    assert count_rows(cluster) == before
+
+
+def test_table_missing_means_not_initialised(cluster: LocalCluster) -> None:
+    with connect(cluster.primary) as primary:
+        primary.execute("DROP DATABASE IF EXISTS uninitialised")
+        primary.execute("CREATE DATABASE uninitialised")
+    result = run_demo(cluster, env={"MASTER_DB_NAME": "uninitialised"})
+    assert result.returncode == 5
+    assert_one_line_error(result.stderr, "master-db", "has no table tbl_users")
+
+
+def test_primary_address_pointing_at_a_replica(cluster: LocalCluster) -> None:
+    before = count_rows(cluster)
+    result = run_demo(cluster, env={"MASTER_DB_PORT": str(cluster.replicas[0].port)})
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "is a standby, not the primary", "MASTER_DB_PORT")
+    assert count_rows(cluster) == before
+
+
+@pytest.mark.parametrize("password", ["p@ss:w/rd% with 'quotes' and \"doubles\"", "100%/@:"])
+def test_password_with_special_characters(cluster: LocalCluster, password: str) -> None:
+    # A role of its own, so the superuser's password stays as the other tests expect. Roles are
+    # cluster-wide and replicate, so the replicas accept the same login.
+    with connect(cluster.primary) as primary:
+        exists = primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'special_chars'").fetchone()
+        verb = "ALTER" if exists else "CREATE"
+        statement = verb + " ROLE special_chars LOGIN PASSWORD {}"
+        # CREATE/ALTER ROLE take no bind parameters: sql.Literal quotes the password as a SQL string.
+        primary.execute(sql.SQL(statement).format(sql.Literal(password)))
+        primary.execute("GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO special_chars")
+    credentials = {
+        f"{prefix}{name}": value
+        for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
+        for name, value in (("USER", "special_chars"), ("PASSWORD", password))
+    }
+    result = run_demo(cluster, "--json", env=credentials)
+    assert result.returncode == 0, result.stderr
+    assert password not in result.stdout and password not in result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["inserted"]) == 5
+    assert all(p["in_recovery"] for p in report["partitions"])
