@@ -205,6 +205,9 @@ class Server:
 def make_server(settings: DatabaseSettings, connect_timeout: int) -> Server:
     engine = create_engine(
         settings.url(),
+        # The demo uses no hstore columns; without this, SQLAlchemy looks the type up on every new
+        # connection, which adds noise to the servers' statement logs that you are invited to read.
+        use_native_hstore=False,
         connect_args={
             "application_name": APPLICATION_NAME,
             # Fail fast when a server is down, rather than waiting for the OS's TCP timeout.

@@ -92,3 +92,11 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return bool(condition())
+
+
+def pytest_report_header() -> str:
+    """Say which PostgreSQL the session's cluster will run, at the top of the test output."""
+    from local_cluster import find_bindir, server_version
+
+    bindir = find_bindir(os.environ.get("PG_BINDIR"))
+    return f"PostgreSQL {server_version(bindir)} from {bindir}"
