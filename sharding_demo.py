@@ -237,7 +237,7 @@ class ReadWriteRouter:
         self.primary = primary
         self.usable_replicas = list(replicas)
         self.policy = policy
-        self.warnings: list[str] = []
+        self.skipped: list[Skipped] = []
         self._turn = itertools.count()
 
     def for_write(self) -> Server:
@@ -254,9 +254,7 @@ class ReadWriteRouter:
         """Stop reading from `replica` for the rest of this run, and say why."""
         if replica in self.usable_replicas:
             self.usable_replicas.remove(replica)
-            self.warnings.append(f"{replica.name} ({replica.address}) skipped: {reason}")
-            if not self.usable_replicas:
-                self.warnings.append(f"no replica left: reads go to the primary {self.primary.name}")
+            self.skipped.append(Skipped(replica=replica.name, address=replica.address, reason=reason))
 
     def read(self, work: Callable[[Session], T]) -> tuple[T, ServedBy]:
         """Run `work` in a read-only transaction on a replica; return its result and who served it."""
@@ -268,6 +266,15 @@ class ReadWriteRouter:
                 if server is self.primary:
                     raise
                 self.drop_replica(server, one_line(error))
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A replica left out of this run's reads, and why."""
+
+    replica: str
+    address: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -339,6 +346,15 @@ class UserRow:
 
 
 @dataclass
+class StandbyStatus:
+    """One row of the primary's pg_stat_replication: a standby streaming from it."""
+
+    application_name: str  # the standby's cluster_name here: replica-one, replica-two
+    state: str  # "streaming" once it has caught up with the primary and follows it live
+    replay_lag_bytes: int  # WAL the primary has written that the standby has not yet replayed
+
+
+@dataclass
 class CatchUp:
     """How a replica did at replaying the demo's write before the reads."""
 
@@ -367,13 +383,28 @@ class FirstUser:
 @dataclass
 class Report:
     server_version: str
+    replication: list[StandbyStatus]
     written_by: ServedBy
     inserted: list[UserRow]
     commit_lsn: str
     catchup: list[CatchUp]
     partitions: list[PartitionReport] = field(default_factory=list)
     first_user: FirstUser | None = None
-    warnings: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        lines = [f"{skip.replica} ({skip.address}) skipped: {skip.reason}" for skip in self.skipped]
+        if self.reads_fell_back_to_primary:
+            lines.append(f"no replica left: reads went to the primary {self.written_by.server}")
+        return lines
+
+    @property
+    def reads_fell_back_to_primary(self) -> bool:
+        reads = [partition.served_by for partition in self.partitions]
+        if self.first_user is not None:
+            reads.append(self.first_user.served_by)
+        return any(not served_by.in_recovery for served_by in reads)
 
 
 # ================================================================================================
@@ -415,6 +446,23 @@ def check_primary(primary: Server) -> str:
             EXIT_NOT_INITIALISED,
         )
     return version
+
+
+def replication_status(primary: Server) -> list[StandbyStatus]:
+    """What the primary knows about its standbys, before we write: the view the original demo's
+    README asks you to query by hand. A standby that is down has no row here at all."""
+    with primary.engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                """
+                SELECT application_name, state,
+                       COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)
+                FROM pg_stat_replication
+                ORDER BY application_name
+                """
+            )
+        )
+        return [StandbyStatus(str(name), str(state), int(lag)) for name, state, lag in rows]
 
 
 def insert_users(primary: Server, users: list[User]) -> tuple[ServedBy, str]:
@@ -550,6 +598,12 @@ def describe(served_by: ServedBy) -> str:
 
 def render_text(report: Report) -> str:
     lines = [f"PostgreSQL {report.server_version}", ""]
+    lines.append("Standbys streaming from the primary (its pg_stat_replication):")
+    lines += [
+        f"  {standby.application_name}: {standby.state}, replay lag {standby.replay_lag_bytes} bytes"
+        for standby in report.replication
+    ] or ["  none"]
+    lines.append("")
     lines.append(
         f"Inserted {len(report.inserted)} users in one transaction on {describe(report.written_by)}:"
     )
@@ -558,6 +612,8 @@ def render_text(report: Report) -> str:
         "",
         f"Waiting for the replicas to replay the primary's WAL up to the commit ({report.commit_lsn}):",
     ]
+    if not report.catchup:
+        lines.append("  no replica to wait for")
     for catchup in report.catchup:
         if catchup.caught_up:
             lines.append(f"  {catchup.replica}: caught up in {catchup.seconds * 1000:.0f} ms")
@@ -575,7 +631,12 @@ def render_text(report: Report) -> str:
         created = first.created_at.strftime("%Y-%m-%d %H:%M:%S") if first.created_at else "not a UUIDv7"
         lines += ["", f"User: {first.user.first_name} (ID: {first.user.id}, CreatedDate: {created} UTC)"]
         lines.append(f"  the first user by id; read from {describe(first.served_by)}")
-    # Warnings are not repeated here: main() prints them on stderr.
+    if report.skipped:
+        lines += ["", "Skipped for this run's reads:"]
+        lines += [f"  {skip.replica} ({skip.address}): {skip.reason}" for skip in report.skipped]
+    if report.reads_fell_back_to_primary:
+        lines.append(f"  no replica left, so the reads went to the primary {report.written_by.server}")
+    # main() also prints the warnings on stderr, one line each.
     return "\n".join(lines)
 
 
@@ -595,6 +656,14 @@ def render_json(report: Report) -> str:
     first = report.first_user
     document = {
         "server_version": report.server_version,
+        "replication": [
+            {
+                "application_name": standby.application_name,
+                "state": standby.state,
+                "replay_lag_bytes": standby.replay_lag_bytes,
+            }
+            for standby in report.replication
+        ],
         **served_json(report.written_by, "written_to"),
         "inserted": [user_json(user) for user in report.inserted],
         "commit_lsn": report.commit_lsn,
@@ -624,6 +693,10 @@ def render_json(report: Report) -> str:
             "created_at": first.created_at.isoformat() if first.created_at else None,
             **served_json(first.served_by, "read_from"),
         },
+        "skipped": [
+            {"replica": skip.replica, "address": skip.address, "reason": skip.reason}
+            for skip in report.skipped
+        ],
         "warnings": report.warnings,
     }
     return json.dumps(document, indent=2)
@@ -699,12 +772,14 @@ def run(flags: argparse.Namespace) -> Report:
     router = ReadWriteRouter(primary, replicas, config.demo.read_policy)
     try:
         server_version = check_primary(router.for_write())
+        standbys = replication_status(router.for_write())
 
         # 4. write
         users = [new_user(name) for name in DEMO_NAMES]
         written_by, commit_lsn = insert_users(router.for_write(), users)
         report = Report(
             server_version=server_version,
+            replication=standbys,
             written_by=written_by,
             inserted=[UserRow(id=user.id, first_name=user.first_name) for user in users],
             commit_lsn=commit_lsn,
@@ -716,7 +791,7 @@ def run(flags: argparse.Namespace) -> Report:
 
         # 6. read
         read_report(router, report)
-        report.warnings = router.warnings
+        report.skipped = router.skipped
         return report
     finally:
         for server in [primary, *replicas]:

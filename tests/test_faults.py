@@ -1,0 +1,169 @@
+"""Faults: replicas down or lagging, primary down, repeated and concurrent runs.
+
+Each test sets up the fault on the real cluster, runs the demo as a subprocess, and checks both its
+output and the data in the servers. The `healthy_cluster` fixture puts every server back (started,
+replaying, streaming) after each test, so the tests after these find the cluster as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import DEMO, clean_environment, connect, run_demo, wait_until
+from local_cluster import LocalCluster, PostgresNode
+
+
+@pytest.fixture(autouse=True)
+def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
+    yield cluster
+    for node in cluster.nodes:
+        if not node.running:
+            node.start()
+    for replica in cluster.replicas:
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_resume()")
+    cluster.wait_for_streaming()
+
+
+def ids_on(node: PostgresNode) -> set[str]:
+    with connect(node) as connection:
+        return {
+            str(user_id) for (user_id,) in connection.execute("SELECT id::text FROM tbl_users").fetchall()
+        }
+
+
+def partition_of_each_row(node: PostgresNode) -> dict[str, str]:
+    with connect(node) as connection:
+        rows = connection.execute("SELECT id::text, tableoid::regclass::text FROM tbl_users").fetchall()
+    return {str(user_id): str(partition) for user_id, partition in rows}
+
+
+def run_json(cluster: LocalCluster, *arguments: str) -> tuple[dict[str, Any], list[str]]:
+    result = run_demo(cluster, "--json", *arguments)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), result.stderr.splitlines()
+
+
+def assert_report_matches_primary(cluster: LocalCluster, report: dict[str, Any]) -> None:
+    """The five new users are where the primary says, and the counts add up to the rows listed."""
+    on_primary = partition_of_each_row(cluster.primary)
+    reported = {row["id"]: p["name"] for p in report["partitions"] for row in p["rows"]}
+    for user in report["inserted"]:
+        assert reported[user["id"]] == on_primary[user["id"]]
+    for partition in report["partitions"]:
+        assert partition["count"] == len(partition["rows"])
+
+
+def test_one_replica_stopped_reads_go_to_the_other(cluster: LocalCluster) -> None:
+    stopped, survivor = cluster.replicas
+    stopped.stop()
+    report, warnings = run_json(cluster)
+
+    assert [skip["replica"] for skip in report["skipped"]] == [stopped.name]
+    assert "unreachable" in report["skipped"][0]["reason"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"sharding_demo.py: warning: {stopped.name} ")
+    reads = [*report["partitions"], report["first_user"]]
+    assert {read["read_from"] for read in reads} == {survivor.name}
+    assert all(read["in_recovery"] for read in reads)
+    assert [status["application_name"] for status in report["replication"]] == [survivor.name]
+    assert_report_matches_primary(cluster, report)
+
+
+def test_both_replicas_stopped_reads_fall_back_to_the_primary(cluster: LocalCluster) -> None:
+    for replica in cluster.replicas:
+        replica.stop()
+    report, warnings = run_json(cluster)
+
+    assert {skip["replica"] for skip in report["skipped"]} == {"replica-one", "replica-two"}
+    assert report["replication"] == [] and report["catchup"] == []
+    reads = [*report["partitions"], report["first_user"]]
+    assert {read["read_from"] for read in reads} == {"master-db"}
+    assert not any(read["in_recovery"] for read in reads)
+    assert warnings[-1] == "sharding_demo.py: warning: no replica left: reads went to the primary master-db"
+    assert_report_matches_primary(cluster, report)
+
+
+def test_a_lagging_replica_is_named_and_left_out(cluster: LocalCluster) -> None:
+    lagging, current = cluster.replicas
+    with connect(lagging) as connection:
+        connection.execute("SELECT pg_wal_replay_pause()")
+    report, warnings = run_json(cluster, "--catchup-timeout", "1")
+
+    catchup = {entry["replica"]: entry for entry in report["catchup"]}
+    assert catchup[lagging.name]["caught_up"] is False
+    assert catchup[lagging.name]["lag_bytes"] > 0
+    assert catchup[lagging.name]["seconds"] >= 1
+    assert catchup[current.name]["caught_up"] is True
+    assert [skip["replica"] for skip in report["skipped"]] == [lagging.name]
+    assert "bytes of WAL behind" in warnings[0]
+    reads = [*report["partitions"], report["first_user"]]
+    assert {read["read_from"] for read in reads} == {current.name}
+    assert_report_matches_primary(cluster, report)
+
+    # The anomaly the wait prevented: the paused replica really does not have the new rows.
+    new_ids = {user["id"] for user in report["inserted"]}
+    assert not new_ids & ids_on(lagging)
+
+
+def test_primary_stopped_is_one_clear_error(cluster: LocalCluster) -> None:
+    cluster.primary.stop()
+    result = run_demo(cluster)
+    assert result.returncode == 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        f"sharding_demo.py: error: cannot connect to master-db (127.0.0.1:{cluster.primary.port})"
+    )
+
+
+def truncate_users(cluster: LocalCluster) -> None:
+    with connect(cluster.primary) as primary:
+        primary.execute("TRUNCATE tbl_users")
+    assert wait_until(lambda: all(not ids_on(replica) for replica in cluster.replicas))
+
+
+def test_running_twice_gives_ten_rows_everywhere(cluster: LocalCluster) -> None:
+    truncate_users(cluster)
+    first, _ = run_json(cluster)
+    second, _ = run_json(cluster)
+    assert sum(p["count"] for p in first["partitions"]) == 5
+    assert sum(p["count"] for p in second["partitions"]) == 10
+    inserted = {user["id"] for report in (first, second) for user in report["inserted"]}
+    assert ids_on(cluster.primary) == inserted
+    for replica in cluster.replicas:
+        assert wait_until(lambda replica=replica: ids_on(replica) == inserted), replica.name
+
+
+def test_eight_concurrent_runs_lose_and_duplicate_nothing(cluster: LocalCluster) -> None:
+    truncate_users(cluster)
+    environment = clean_environment() | cluster.demo_environment()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(DEMO), "--json"],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 8, [err for _, err in outputs]
+
+    reports = [json.loads(stdout) for stdout, _ in outputs]
+    inserted = [user["id"] for report in reports for user in report["inserted"]]
+    assert len(inserted) == len(set(inserted)) == 40
+    assert ids_on(cluster.primary) == set(inserted)
+    for replica in cluster.replicas:
+        assert wait_until(lambda replica=replica: ids_on(replica) == set(inserted)), replica.name
+    # Each run saw at least its own five rows, and every count matched the rows it listed.
+    for report in reports:
+        seen = {row["id"] for p in report["partitions"] for row in p["rows"]}
+        assert {user["id"] for user in report["inserted"]} <= seen
+        assert all(p["count"] == len(p["rows"]) for p in report["partitions"])
