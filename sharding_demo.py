@@ -38,18 +38,22 @@ import argparse
 import itertools
 import json
 import random
+import re
+import struct
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
+import psycopg
 import sqlalchemy.exc
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import URL, Engine, String, Uuid, column, create_engine, func, select, table, text
+from sqlalchemy import URL, Connection, Engine, String, Uuid, column, create_engine, func, select, table, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from uuid6 import uuid7
 
@@ -319,11 +323,18 @@ class User(Base):
     first_name: Mapped[str] = mapped_column(String(255))
 
 
-def new_user(first_name: str) -> User:
+def new_user_id() -> uuid.UUID:
     # The id is made here, in Python, before the row goes anywhere, like the Go demo's
     # BeforeCreate hook. UUIDv7 starts with a 48-bit Unix timestamp in milliseconds, so ids sort
-    # by creation time and the time can be read back out of the id (created_at below).
-    return User(id=uuid7(), first_name=first_name)
+    # by creation time and the time can be read back out of the id (uuid7_created_at below).
+    return uuid7()
+
+
+def user_name(number: int) -> str:
+    """The five names of the original demo, then generated ones for --users N."""
+    if number < len(DEMO_NAMES):
+        return DEMO_NAMES[number]
+    return f"{DEMO_NAMES[number % len(DEMO_NAMES)]}-{number}"
 
 
 def uuid7_created_at(user_id: uuid.UUID) -> datetime | None:
@@ -335,6 +346,155 @@ def uuid7_created_at(user_id: uuid.UUID) -> datetime | None:
 
 
 # ================================================================================================
+# Predicting the partition, exactly as the server does
+# ================================================================================================
+#
+# When a row arrives at a hash-partitioned table, PostgreSQL (src/backend/partitioning/partbounds.c):
+#
+#   1. hashes each partition-key column with that type's *extended* hash function and a fixed
+#      seed, HASH_PARTITION_SEED (compute_partition_hash_value). For uuid the function is
+#      uuid_hash_extended (src/backend/utils/adt/uuid.c): hash_any_extended over the 16 bytes,
+#      i.e. hash_bytes_extended (src/common/hashfn.c), Bob Jenkins' lookup3 hash;
+#   2. folds the column hashes into one 64-bit row hash with hash_combine64, starting from 0
+#      (src/include/common/hashfn.h);
+#   3. takes that row hash modulo the greatest modulus among the partitions and picks the
+#      partition whose remainder matches (get_partition_for_tuple).
+#
+# The functions below do the same in Python, so the demo can say where each row will go before
+# sending it. Assumption: the server is little-endian (x86-64, ARM64 as normally run), because
+# lookup3 reads the key as 32-bit words in the machine's byte order; a big-endian server computes
+# different hashes and so places rows differently.
+
+HASH_PARTITION_SEED = 0x7A5B22367996DCFD  # src/include/catalog/partition.h
+HASH_COMBINE64_CONSTANT = 0x49A0F4DD15E5A8E3  # "64bit random data", src/include/common/hashfn.h
+UINT32 = 0xFFFFFFFF
+UINT64 = 0xFFFFFFFFFFFFFFFF
+
+
+def rotate_left(value: int, bits: int) -> int:
+    """rot(x, k) in hashfn.c, on a 32-bit unsigned value."""
+    return ((value << bits) | (value >> (32 - bits))) & UINT32
+
+
+def lookup3_mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    """mix(a, b, c) in hashfn.c. C's uint32 arithmetic wraps around; Python's ints do not,
+    hence the `& UINT32` after every addition and subtraction."""
+    a = (a - c) & UINT32
+    a ^= rotate_left(c, 4)
+    c = (c + b) & UINT32
+    b = (b - a) & UINT32
+    b ^= rotate_left(a, 6)
+    a = (a + c) & UINT32
+    c = (c - b) & UINT32
+    c ^= rotate_left(b, 8)
+    b = (b + a) & UINT32
+    a = (a - c) & UINT32
+    a ^= rotate_left(c, 16)
+    c = (c + b) & UINT32
+    b = (b - a) & UINT32
+    b ^= rotate_left(a, 19)
+    a = (a + c) & UINT32
+    c = (c - b) & UINT32
+    c ^= rotate_left(b, 4)
+    b = (b + a) & UINT32
+    return a, b, c
+
+
+def lookup3_final(a: int, b: int, c: int) -> tuple[int, int, int]:
+    """final(a, b, c) in hashfn.c."""
+    c ^= b
+    c = (c - rotate_left(b, 14)) & UINT32
+    a ^= c
+    a = (a - rotate_left(c, 11)) & UINT32
+    b ^= a
+    b = (b - rotate_left(a, 25)) & UINT32
+    c ^= b
+    c = (c - rotate_left(b, 16)) & UINT32
+    a ^= c
+    a = (a - rotate_left(c, 4)) & UINT32
+    b ^= a
+    b = (b - rotate_left(a, 14)) & UINT32
+    c ^= b
+    c = (c - rotate_left(b, 24)) & UINT32
+    return a, b, c
+
+
+def hash_bytes_extended(key: bytes, seed: int) -> int:
+    """hash_bytes_extended() in src/common/hashfn.c: a 64-bit hash of `key`, on a little-endian server."""
+    length = len(key)
+    a = b = c = (0x9E3779B9 + length + 3923095) & UINT32
+    if seed != 0:
+        # "the seed is treated as part of the data being hashed": high half into a, low into b.
+        a = (a + (seed >> 32)) & UINT32
+        b = (b + (seed & UINT32)) & UINT32
+        a, b, c = lookup3_mix(a, b, c)
+
+    # Whole 12-byte blocks, read as three little-endian 32-bit words.
+    offset = 0
+    while length - offset >= 12:
+        word_a, word_b, word_c = struct.unpack_from("<3I", key, offset)
+        a = (a + word_a) & UINT32
+        b = (b + word_b) & UINT32
+        c = (c + word_c) & UINT32
+        a, b, c = lookup3_mix(a, b, c)
+        offset += 12
+
+    # The last 0..11 bytes, zero-padded. In C this is a switch that falls through; on a
+    # little-endian machine it adds the same words, except that c's bytes start one byte up:
+    # "the lowest byte of c is reserved for the length".
+    tail = key[offset:] + bytes(12 - (length - offset))
+    word_a, word_b, word_c = struct.unpack("<3I", tail)
+    a = (a + word_a) & UINT32
+    b = (b + word_b) & UINT32
+    c = (c + (word_c << 8)) & UINT32
+    a, b, c = lookup3_final(a, b, c)
+    return (b << 32) | c
+
+
+def hash_combine64(a: int, b: int) -> int:
+    """hash_combine64() in src/include/common/hashfn.h, with uint64 wrap-around."""
+    return a ^ ((b + HASH_COMBINE64_CONSTANT + (a << 54) + (a >> 7)) & UINT64)
+
+
+def partition_row_hash(user_id_bytes: bytes) -> int:
+    """compute_partition_hash_value() for our one-column key: the uuid's 16 bytes, in the order
+    PostgreSQL stores them (network order, the same as uuid.UUID.bytes)."""
+    column_hash = hash_bytes_extended(user_id_bytes, HASH_PARTITION_SEED)
+    return hash_combine64(0, column_hash)
+
+
+@dataclass(frozen=True)
+class HashBound:
+    """One hash partition and its bound: rows with row hash % modulus == remainder."""
+
+    partition: str
+    modulus: int
+    remainder: int
+
+    @classmethod
+    def parse(cls, partition: str, bound: str) -> HashBound:
+        """From pg_get_expr's text, e.g. 'FOR VALUES WITH (modulus 4, remainder 0)'."""
+        match = re.fullmatch(r"FOR VALUES WITH \(modulus (\d+), remainder (\d+)\)", bound)
+        if match is None:
+            raise DemoError(f"{partition} is not a hash partition ({bound})", EXIT_NOT_INITIALISED)
+        return cls(partition, int(match.group(1)), int(match.group(2)))
+
+
+def predict_partition(user_id_bytes: bytes, bounds: Sequence[HashBound]) -> str:
+    """The partition PostgreSQL will put this uuid in.
+
+    Partitions may have different moduli as long as each divides the greatest one, so the server
+    reduces the row hash by the greatest modulus and looks up which partition covers that slot.
+    """
+    greatest_modulus = max(bound.modulus for bound in bounds)
+    slot = partition_row_hash(user_id_bytes) % greatest_modulus
+    for bound in bounds:
+        if slot % bound.modulus == bound.remainder:
+            return bound.partition
+    raise DemoError(f"no partition of {PARENT_TABLE} accepts hash slot {slot}", EXIT_NOT_INITIALISED)
+
+
+# ================================================================================================
 # The report: plain data, filled in as the demo runs, rendered at the end
 # ================================================================================================
 
@@ -343,6 +503,16 @@ def uuid7_created_at(user_id: uuid.UUID) -> datetime | None:
 class UserRow:
     id: uuid.UUID
     first_name: str
+
+
+@dataclass
+class InsertedUser:
+    """A user this run inserted, with where we predicted it would go and where the server put it."""
+
+    id: uuid.UUID
+    first_name: str
+    predicted_partition: str
+    actual_partition: str | None = None  # filled in after reading it back from a replica
 
 
 @dataclass
@@ -366,11 +536,13 @@ class CatchUp:
 
 @dataclass
 class PartitionReport:
-    name: str
-    bound: str  # e.g. "FOR VALUES WITH (modulus 4, remainder 0)"
-    count: int
-    rows: list[UserRow]
+    bound: HashBound
+    bound_sql: str  # e.g. "FOR VALUES WITH (modulus 4, remainder 0)"
+    count: int  # rows in the partition now, from every run
+    rows: list[UserRow]  # the first --show rows by id
     served_by: ServedBy
+    predicted: int  # this run's users we predicted would land here
+    actual: int  # this run's users the server says are here (tableoid)
 
 
 @dataclass
@@ -385,10 +557,13 @@ class Report:
     server_version: str
     replication: list[StandbyStatus]
     written_by: ServedBy
-    inserted: list[UserRow]
+    insert_method: str  # "ORM" or "COPY"
+    users_inserted: int
+    inserted_sample: list[InsertedUser]
     commit_lsn: str
     catchup: list[CatchUp]
     partitions: list[PartitionReport] = field(default_factory=list)
+    landing_checked_by: ServedBy | None = None
     first_user: FirstUser | None = None
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -412,10 +587,18 @@ class Report:
 # ================================================================================================
 
 
-def check_primary(primary: Server) -> str:
+@dataclass
+class PrimaryFacts:
+    version: str
+    partitions: list[tuple[HashBound, str]]  # each partition's bound, parsed and as SQL
+
+
+def check_primary(primary: Server) -> PrimaryFacts:
     """Before writing anything: is the primary reachable, writable and initialised?
 
-    Returns its version. Fails with one clear line otherwise, so nothing is half-written.
+    Also reads the partitions' bounds from its catalog: we need them before the insert, to predict
+    where each row will go, and the primary is the authority on its own schema.
+    Fails with one clear line otherwise, so nothing is half-written.
     """
     try:
         with primary.engine.connect() as connection:
@@ -424,6 +607,7 @@ def check_primary(primary: Server) -> str:
             has_table = connection.scalar(
                 text("SELECT to_regclass(:name) IS NOT NULL"), {"name": PARENT_TABLE}
             )
+            partitions = list_partitions(connection) if has_table else []
     except sqlalchemy.exc.OperationalError as error:
         message = one_line(error)
         if "authentication failed" in message or "no pg_hba.conf entry" in message:
@@ -439,13 +623,34 @@ def check_primary(primary: Server) -> str:
             "check MASTER_DB_HOST and MASTER_DB_PORT",
             EXIT_CONFIG,
         )
-    if not has_table:
+    if not has_table or not partitions:
         raise DemoError(
             f"{primary.name} ({primary.address}) has no table {PARENT_TABLE}: the cluster is not initialised "
             "(start it with `docker compose up -d --wait` or `python local_cluster.py`)",
             EXIT_NOT_INITIALISED,
         )
-    return version
+    return PrimaryFacts(version, [(HashBound.parse(name, bound), bound) for name, bound in partitions])
+
+
+def list_partitions(connection: Connection) -> list[tuple[str, str]]:
+    """The children of tbl_users and their bounds, from the system catalog.
+
+    pg_inherits links each partition to its parent; relpartbound holds the partition's bound,
+    which pg_get_expr turns back into SQL, e.g. "FOR VALUES WITH (modulus 4, remainder 2)".
+    """
+    rows = connection.execute(
+        text(
+            """
+            SELECT child.relname, pg_get_expr(child.relpartbound, child.oid)
+            FROM pg_inherits
+            JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid
+            WHERE pg_inherits.inhparent = CAST(:parent AS regclass)
+            ORDER BY child.relname
+            """
+        ),
+        {"parent": PARENT_TABLE},
+    )
+    return [(str(name), str(bound)) for name, bound in rows]
 
 
 def replication_status(primary: Server) -> list[StandbyStatus]:
@@ -465,14 +670,69 @@ def replication_status(primary: Server) -> list[StandbyStatus]:
         return [StandbyStatus(str(name), str(state), int(lag)) for name, state, lag in rows]
 
 
-def insert_users(primary: Server, users: list[User]) -> tuple[ServedBy, str]:
+class NewUsers:
+    """The users this run will insert, generated before the insert.
+
+    The ids are kept as one bytes buffer, 16 bytes each, rather than as uuid.UUID objects:
+    a million UUID objects take about 108 MB, the buffer 16 MB.
+    """
+
+    def __init__(self, count: int) -> None:
+        buffer = bytearray()
+        for _ in range(count):
+            buffer += new_user_id().bytes
+        self.id_bytes = bytes(buffer)
+        self.count = count
+
+    def id_bytes_of(self, number: int) -> bytes:
+        return self.id_bytes[number * 16 : (number + 1) * 16]
+
+    def id_of(self, number: int) -> uuid.UUID:
+        return uuid.UUID(bytes=self.id_bytes_of(number))
+
+    def rows(self) -> Iterator[tuple[uuid.UUID, str]]:
+        for number in range(self.count):
+            yield self.id_of(number), user_name(number)
+
+
+# Up to this many users, insert through the ORM; above it, with COPY.
+#
+# The ORM path is the one to read: User objects, session.add_all(), one transaction, SQLAlchemy
+# writing the INSERTs. It is also slow for many rows: it builds a Python object per row, tracks
+# it in the session, and sends one INSERT per row. COPY is PostgreSQL's bulk-load protocol: one
+# statement, then rows streamed in a compact binary format, parsed by the server in a tight loop.
+# bench/bench_insert.py measures the difference (tens of times at 100,000 rows).
+ORM_INSERT_LIMIT = 1000
+
+
+def insert_with_orm(session: Session, users: NewUsers) -> None:
+    session.add_all(User(id=user_id, first_name=name) for user_id, name in users.rows())
+
+
+def insert_with_copy(session: Session, users: NewUsers, progress: Callable[[int], None]) -> None:
+    # session.connection() is the transaction's connection; .connection.driver_connection is
+    # the psycopg connection underneath it, which has the COPY API. Same connection, same
+    # transaction: the COPY commits or rolls back with the rest.
+    psycopg_connection = session.connection().connection.driver_connection
+    assert isinstance(psycopg_connection, psycopg.Connection)
+    copy_statement = f"COPY {PARENT_TABLE} (id, first_name) FROM STDIN (FORMAT BINARY)"
+    with psycopg_connection.cursor() as cursor, cursor.copy(copy_statement) as copy:
+        copy.set_types(["uuid", "varchar"])
+        for number, row in enumerate(users.rows(), start=1):
+            copy.write_row(row)
+            progress(number)
+
+
+def insert_users(primary: Server, users: NewUsers, progress: Callable[[int], None]) -> tuple[ServedBy, str]:
     """Insert all users in one transaction on the primary; return who wrote them and the WAL
     position of the commit, which the replicas must reach before they can show these rows."""
-    # expire_on_commit=False keeps the objects readable after the commit without reloading them.
-    with Session(primary.engine, expire_on_commit=False) as session:
+    with Session(primary.engine) as session:
         with session.begin():
-            session.add_all(users)
-            session.flush()  # send the INSERT now, so the check below runs after it
+            if users.count <= ORM_INSERT_LIMIT:
+                insert_with_orm(session, users)
+                session.flush()  # send the INSERTs now, so the check below runs after them
+            else:
+                insert_with_copy(session, users, progress)
             written_by = who_served(session, primary)
         # After COMMIT the commit record is in the WAL; pg_current_wal_lsn() is at or past it.
         commit_lsn = str(session.scalar(text("SELECT pg_current_wal_lsn()")))
@@ -527,60 +787,92 @@ def wait_for_replicas(router: ReadWriteRouter, target_lsn: str, timeout: float) 
 # ================================================================================================
 
 
-@dataclass(frozen=True)
-class Partition:
-    name: str
-    bound: str
-
-
-def list_partitions(session: Session) -> list[Partition]:
-    """The children of tbl_users and their bounds, from the system catalog.
-
-    pg_inherits links each partition to its parent; relpartbound holds the partition's bound,
-    which pg_get_expr turns back into SQL, e.g. "FOR VALUES WITH (modulus 4, remainder 2)".
-    """
-    rows = session.execute(
-        text(
-            """
-            SELECT child.relname, pg_get_expr(child.relpartbound, child.oid)
-            FROM pg_inherits
-            JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid
-            WHERE pg_inherits.inhparent = CAST(:parent AS regclass)
-            ORDER BY child.relname
-            """
-        ),
-        {"parent": PARENT_TABLE},
-    )
-    return [Partition(name=name, bound=bound) for name, bound in rows]
-
-
-def read_partition(partition: Partition) -> Callable[[Session], tuple[int, list[UserRow]]]:
-    """A read that counts and lists the rows of one partition, queried as the table it is."""
+def read_partition(partition: str, show: int) -> Callable[[Session], tuple[int, list[UserRow]]]:
+    """A read that counts one partition's rows and lists the first `show`, querying the partition
+    as the ordinary table it is."""
 
     def work(session: Session) -> tuple[int, list[UserRow]]:
         # A lightweight table() construct: the partition has tbl_users' columns, and SQLAlchemy
-        # quotes its name for us. Querying it directly shows the partition is an ordinary table.
-        partition_table = table(partition.name, column("id", Uuid()), column("first_name", String()))
+        # quotes its name for us.
+        partition_table = table(partition, column("id", Uuid()), column("first_name", String()))
         count = session.scalar(select(func.count()).select_from(partition_table)) or 0
         rows = session.execute(
-            select(partition_table.c.id, partition_table.c.first_name).order_by(partition_table.c.id)
+            select(partition_table.c.id, partition_table.c.first_name)
+            .order_by(partition_table.c.id)
+            .limit(show)
         )
         return count, [UserRow(id=row.id, first_name=row.first_name) for row in rows]
 
     return work
 
 
+# How many ids to send in one `= ANY(:ids)` query when checking where a large load landed.
+LANDING_CHECK_BATCH = 50_000
+
+
+def where_users_landed(
+    users: NewUsers, sample_size: int
+) -> Callable[[Session], tuple[Counter[str], dict[str, str]]]:
+    """A read that asks the server which partition holds each of this run's users.
+
+    tableoid is a system column: the OID of the table a row is physically stored in, so
+    tableoid::regclass names the partition. Returns the count per partition, and the partition of
+    each of the first `sample_size` users.
+    """
+    by_partition = text(
+        f"SELECT tableoid::regclass::text, count(*) FROM {PARENT_TABLE} WHERE id = ANY(:ids) GROUP BY 1"
+    )
+    each_row = text(f"SELECT id, tableoid::regclass::text FROM {PARENT_TABLE} WHERE id = ANY(:ids)")
+
+    def work(session: Session) -> tuple[Counter[str], dict[str, str]]:
+        counts: Counter[str] = Counter()
+        for start in range(0, users.count, LANDING_CHECK_BATCH):
+            batch = [
+                users.id_of(number) for number in range(start, min(start + LANDING_CHECK_BATCH, users.count))
+            ]
+            for partition, count in session.execute(by_partition, {"ids": batch}):
+                counts[partition] += count
+        sample = [users.id_of(number) for number in range(min(sample_size, users.count))]
+        sample_partitions = {
+            str(user_id): partition for user_id, partition in session.execute(each_row, {"ids": sample})
+        }
+        return counts, sample_partitions
+
+    return work
+
+
 def read_first_user(session: Session) -> UserRow | None:
-    # Through the parent table: PostgreSQL reads all four partitions and merges them.
+    # Through the parent table: PostgreSQL reads all the partitions and merges them.
     user = session.scalars(select(User).order_by(User.id).limit(1)).first()
     return UserRow(id=user.id, first_name=user.first_name) if user else None
 
 
-def read_report(router: ReadWriteRouter, report: Report) -> None:
-    partitions, _ = router.read(list_partitions)
-    for partition in partitions:
-        (count, rows), served_by = router.read(read_partition(partition))
-        report.partitions.append(PartitionReport(partition.name, partition.bound, count, rows, served_by))
+def read_report(
+    router: ReadWriteRouter,
+    report: Report,
+    partitions: list[tuple[HashBound, str]],
+    predicted: Counter[str],
+    users: NewUsers,
+    show: int,
+) -> None:
+    (actual, sample_partitions), report.landing_checked_by = router.read(where_users_landed(users, show))
+    for user in report.inserted_sample:
+        user.actual_partition = sample_partitions.get(str(user.id))
+
+    for bound, bound_sql in partitions:
+        (count, rows), served_by = router.read(read_partition(bound.partition, show))
+        report.partitions.append(
+            PartitionReport(
+                bound=bound,
+                bound_sql=bound_sql,
+                count=count,
+                rows=rows,
+                served_by=served_by,
+                predicted=predicted[bound.partition],
+                actual=actual[bound.partition],
+            )
+        )
+
     first, served_by = router.read(read_first_user)
     if first is not None:
         report.first_user = FirstUser(user=first, created_at=uuid7_created_at(first.id), served_by=served_by)
@@ -596,6 +888,15 @@ def describe(served_by: ServedBy) -> str:
     return f"{served_by.server} {served_by.address}, {role}"
 
 
+def share_and_deviation(partition: PartitionReport, users_inserted: int) -> tuple[float, float]:
+    """This run's share in the partition, and how far that is from an even split (1/modulus)."""
+    if users_inserted == 0:
+        return 0.0, 0.0
+    share = partition.actual / users_inserted
+    even = 1 / partition.bound.modulus
+    return share, (share - even) / even
+
+
 def render_text(report: Report) -> str:
     lines = [f"PostgreSQL {report.server_version}", ""]
     lines.append("Standbys streaming from the primary (its pg_stat_replication):")
@@ -603,11 +904,20 @@ def render_text(report: Report) -> str:
         f"  {standby.application_name}: {standby.state}, replay lag {standby.replay_lag_bytes} bytes"
         for standby in report.replication
     ] or ["  none"]
-    lines.append("")
-    lines.append(
-        f"Inserted {len(report.inserted)} users in one transaction on {describe(report.written_by)}:"
-    )
-    lines += [f"  {user.first_name:<10} {user.id}" for user in report.inserted]
+
+    lines += [
+        "",
+        f"Inserted {report.users_inserted} users ({report.insert_method}) in one transaction "
+        f"on {describe(report.written_by)}.",
+        "Each new user: the partition predicted in Python before the insert -> where the server put it:",
+    ]
+    for user in report.inserted_sample:
+        verdict = "ok" if user.actual_partition == user.predicted_partition else "MISMATCH"
+        where = f"{user.predicted_partition} -> {user.actual_partition}"
+        lines.append(f"  {user.first_name:<12} {user.id}  {where}  {verdict}")
+    if report.users_inserted > len(report.inserted_sample):
+        lines.append(f"  ... and {report.users_inserted - len(report.inserted_sample)} more")
+
     lines += [
         "",
         f"Waiting for the replicas to replay the primary's WAL up to the commit ({report.commit_lsn}):",
@@ -622,15 +932,31 @@ def render_text(report: Report) -> str:
                 f"  {catchup.replica}: NOT caught up after {catchup.seconds:.1f}s "
                 f"({catchup.lag_bytes} bytes behind): left out of the reads"
             )
+
+    lines += ["", f"This run's {report.users_inserted} users by partition:"]
+    lines.append(f"  {'partition':<14} {'predicted':>10} {'actual':>10} {'share':>8} {'vs even':>8}")
     for partition in report.partitions:
-        lines += ["", f"Partition {partition.name}: {partition.count} records"]
-        lines.append(f"  {partition.bound}; read from {describe(partition.served_by)}")
+        share, deviation = share_and_deviation(partition, report.users_inserted)
+        lines.append(
+            f"  {partition.bound.partition:<14} {partition.predicted:>10} {partition.actual:>10}"
+            f" {share:>8.1%} {deviation:>+8.1%}"
+        )
+    if report.landing_checked_by is not None:
+        lines.append(f"  (actual counts read from {describe(report.landing_checked_by)})")
+
+    for partition in report.partitions:
+        lines += ["", f"Partition {partition.bound.partition}: {partition.count} records"]
+        lines.append(f"  {partition.bound_sql}; read from {describe(partition.served_by)}")
         lines += [f"  - {row.first_name} (ID: {row.id})" for row in partition.rows]
+        if partition.count > len(partition.rows):
+            lines.append(f"  ... and {partition.count - len(partition.rows)} more")
+
     if report.first_user is not None:
         first = report.first_user
         created = first.created_at.strftime("%Y-%m-%d %H:%M:%S") if first.created_at else "not a UUIDv7"
         lines += ["", f"User: {first.user.first_name} (ID: {first.user.id}, CreatedDate: {created} UTC)"]
         lines.append(f"  the first user by id; read from {describe(first.served_by)}")
+
     if report.skipped:
         lines += ["", "Skipped for this run's reads:"]
         lines += [f"  {skip.replica} ({skip.address}): {skip.reason}" for skip in report.skipped]
@@ -652,6 +978,23 @@ def served_json(served_by: ServedBy, verb: str) -> dict[str, Any]:
     }
 
 
+def partition_json(partition: PartitionReport, users_inserted: int) -> dict[str, Any]:
+    share, deviation = share_and_deviation(partition, users_inserted)
+    return {
+        "name": partition.bound.partition,
+        "bound": partition.bound_sql,
+        "modulus": partition.bound.modulus,
+        "remainder": partition.bound.remainder,
+        "count": partition.count,
+        "predicted": partition.predicted,
+        "actual": partition.actual,
+        "share": round(share, 6),
+        "deviation_from_even": round(deviation, 6),
+        **served_json(partition.served_by, "read_from"),
+        "rows": [user_json(row) for row in partition.rows],
+    }
+
+
 def render_json(report: Report) -> str:
     first = report.first_user
     document = {
@@ -665,7 +1008,18 @@ def render_json(report: Report) -> str:
             for standby in report.replication
         ],
         **served_json(report.written_by, "written_to"),
-        "inserted": [user_json(user) for user in report.inserted],
+        "insert_method": report.insert_method,
+        "users_inserted": report.users_inserted,
+        # A sample (the first --show users), so the output stays small for --users 1000000.
+        "inserted": [
+            {
+                "id": str(user.id),
+                "first_name": user.first_name,
+                "predicted_partition": user.predicted_partition,
+                "actual_partition": user.actual_partition,
+            }
+            for user in report.inserted_sample
+        ],
         "commit_lsn": report.commit_lsn,
         "catchup": [
             {
@@ -676,16 +1030,10 @@ def render_json(report: Report) -> str:
             }
             for catchup in report.catchup
         ],
-        "partitions": [
-            {
-                "name": partition.name,
-                "bound": partition.bound,
-                "count": partition.count,
-                **served_json(partition.served_by, "read_from"),
-                "rows": [user_json(row) for row in partition.rows],
-            }
-            for partition in report.partitions
-        ],
+        "partitions": [partition_json(partition, report.users_inserted) for partition in report.partitions],
+        "landing_checked_by": None
+        if report.landing_checked_by is None
+        else served_json(report.landing_checked_by, "read_from"),
         "first_user": None
         if first is None
         else {
@@ -734,15 +1082,38 @@ exit codes:
 """
 
 
+def positive_int(text_value: str) -> int:
+    value = int(text_value)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def parse_flags(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="sharding_demo.py",
-        description="Insert five users into the hash-partitioned tbl_users on the primary, wait for the "
-        "replicas to replay them, then read each partition and the first user from the replicas.",
+        description="Insert users into the hash-partitioned tbl_users on the primary (predicting in Python "
+        "which partition each will land in), wait for the replicas to replay them, then read each partition, "
+        "where the users landed and the first user from the replicas.",
         epilog=ENVIRONMENT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--users",
+        type=positive_int,
+        default=len(DEMO_NAMES),
+        metavar="N",
+        help=f"how many users to insert (default {len(DEMO_NAMES)}: {', '.join(DEMO_NAMES)}); "
+        f"more than {ORM_INSERT_LIMIT} are loaded with COPY",
+    )
+    parser.add_argument(
+        "--show",
+        type=int,
+        default=10,
+        metavar="K",
+        help="rows to print per partition, and new users to print (default 10)",
+    )
     parser.add_argument(
         "--policy",
         choices=["random", "round-robin"],
@@ -757,7 +1128,20 @@ def parse_flags(argv: Sequence[str] | None) -> argparse.Namespace:
     flags = parser.parse_args(argv)
     if flags.catchup_timeout is not None and flags.catchup_timeout < 0:
         parser.error("--catchup-timeout must be 0 or more")
+    if flags.show < 0:
+        parser.error("--show must be 0 or more")
     return flags
+
+
+def progress_printer(total: int) -> Callable[[int], None]:
+    """Report a long load on stderr every 10%, so stdout stays the report."""
+    step = max(total // 10, 1)
+
+    def report_progress(done: int) -> None:
+        if total >= 100_000 and (done % step == 0 or done == total):
+            print(f"sharding_demo.py: loaded {done:,} of {total:,} users", file=sys.stderr, flush=True)
+
+    return report_progress
 
 
 def run(flags: argparse.Namespace) -> Report:
@@ -771,17 +1155,26 @@ def run(flags: argparse.Namespace) -> Report:
     # 3. routing
     router = ReadWriteRouter(primary, replicas, config.demo.read_policy)
     try:
-        server_version = check_primary(router.for_write())
+        facts = check_primary(router.for_write())
         standbys = replication_status(router.for_write())
+        bounds = [bound for bound, _ in facts.partitions]
 
-        # 4. write
-        users = [new_user(name) for name in DEMO_NAMES]
-        written_by, commit_lsn = insert_users(router.for_write(), users)
+        # 4. write: make the users, predict where each will land, insert them
+        users = NewUsers(flags.users)
+        predicted_partitions = [predict_partition(users.id_bytes_of(n), bounds) for n in range(users.count)]
+        written_by, commit_lsn = insert_users(router.for_write(), users, progress_printer(users.count))
         report = Report(
-            server_version=server_version,
+            server_version=facts.version,
             replication=standbys,
             written_by=written_by,
-            inserted=[UserRow(id=user.id, first_name=user.first_name) for user in users],
+            insert_method="ORM" if users.count <= ORM_INSERT_LIMIT else "COPY",
+            users_inserted=users.count,
+            inserted_sample=[
+                InsertedUser(
+                    id=users.id_of(n), first_name=user_name(n), predicted_partition=predicted_partitions[n]
+                )
+                for n in range(min(flags.show, users.count))
+            ],
             commit_lsn=commit_lsn,
             catchup=[],
         )
@@ -790,7 +1183,7 @@ def run(flags: argparse.Namespace) -> Report:
         report.catchup = wait_for_replicas(router, commit_lsn, config.demo.catchup_timeout)
 
         # 6. read
-        read_report(router, report)
+        read_report(router, report, facts.partitions, Counter(predicted_partitions), users, flags.show)
         report.skipped = router.skipped
         return report
     finally:

@@ -59,7 +59,7 @@ def test_partitions_come_from_the_catalog_and_counts_sum_to_the_table(
         f"FOR VALUES WITH (modulus 4, remainder {n})" for n in range(4)
     ]
     for partition in partitions:
-        assert partition["count"] == len(partition["rows"])
+        assert len(partition["rows"]) == min(partition["count"], 10)  # --show defaults to 10
     total = sum(p["count"] for p in partitions)
     # Other tests may have added rows since; the demo's read must equal the table at that time,
     # which includes at least the five it inserted.
@@ -148,7 +148,12 @@ def test_text_output_names_partitions_and_servers(cluster: LocalCluster) -> None
         result.stdout,
         re.MULTILINE,
     )
-    assert "Inserted 5 users in one transaction on master-db" in result.stdout
+    assert "Inserted 5 users (ORM) in one transaction on master-db" in result.stdout
+    predictions = re.findall(
+        r"(tbl_users_p\d) -> (tbl_users_p\d)  (ok|MISMATCH)$", result.stdout, re.MULTILINE
+    )
+    assert len(predictions) == 5
+    assert all(predicted == actual and verdict == "ok" for predicted, actual, verdict in predictions)
 
 
 def test_round_robin_alternates_between_the_replicas(cluster: LocalCluster) -> None:
@@ -176,3 +181,56 @@ def test_help_documents_every_flag_and_variable() -> None:
     for prefix in ["MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_"]:
         for name in ["HOST", "PORT", "USER", "PASSWORD", "NAME"]:
             assert prefix + name in result.stdout
+
+
+def test_each_new_user_lands_in_the_predicted_partition(
+    cluster: LocalCluster, demo_run: dict[str, Any]
+) -> None:
+    on_primary = rows_by_partition_on_primary(cluster)
+    assert demo_run["users_inserted"] == 5 and demo_run["insert_method"] == "ORM"
+    for user in demo_run["inserted"]:
+        assert user["predicted_partition"] == on_primary[user["id"]]
+        assert user["actual_partition"] == on_primary[user["id"]]
+    for partition in demo_run["partitions"]:
+        assert partition["predicted"] == partition["actual"]
+        assert (partition["modulus"], partition["remainder"]) == (4, int(partition["name"][-1]))
+    assert sum(partition["actual"] for partition in demo_run["partitions"]) == 5
+    assert demo_run["landing_checked_by"]["in_recovery"] is True
+
+
+def test_many_users_go_through_copy_and_land_where_predicted(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, "--json", "--users", "3000", "--show", "3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["insert_method"] == "COPY" and report["users_inserted"] == 3000
+    # Bounded output: a sample of 3 new users, at most 3 rows per partition.
+    assert len(report["inserted"]) == 3
+    assert all(len(partition["rows"]) <= 3 for partition in report["partitions"])
+    partitions = report["partitions"]
+    assert [p["predicted"] for p in partitions] == [p["actual"] for p in partitions]
+    assert sum(p["actual"] for p in partitions) == 3000
+    # 3000 rows over 4 partitions: each gets a fair share (a spread this wide is a bug, not luck).
+    assert all(0.20 < p["share"] < 0.30 for p in partitions)
+    # JSON rounds both to 6 decimals.
+    assert all(abs(p["deviation_from_even"] - (p["share"] * 4 - 1)) < 1e-5 for p in partitions)
+    on_primary = rows_by_partition_on_primary(cluster)
+    for user in report["inserted"]:
+        assert user["predicted_partition"] == user["actual_partition"] == on_primary[user["id"]]
+    with connect(cluster.primary) as primary:
+        names = primary.execute(
+            "SELECT first_name FROM tbl_users WHERE id = ANY(%s::uuid[])",
+            [[u["id"] for u in report["inserted"]]],
+        ).fetchall()
+    assert sorted(name for (name,) in names) == sorted(u["first_name"] for u in report["inserted"])
+
+
+def test_progress_goes_to_stderr_for_large_loads(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, "--json", "--users", "100000", "--show", "0")
+    assert result.returncode == 0, result.stderr
+    progress = result.stderr.splitlines()
+    assert progress[-1] == "sharding_demo.py: loaded 100,000 of 100,000 users"
+    assert len(progress) == 10
+    report = json.loads(result.stdout)
+    assert report["inserted"] == [] and all(p["rows"] == [] for p in report["partitions"])
+    assert sum(p["actual"] for p in report["partitions"]) == 100_000
+    assert [p["predicted"] for p in report["partitions"]] == [p["actual"] for p in report["partitions"]]
