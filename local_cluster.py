@@ -366,6 +366,11 @@ class PostgresNode:
         with self.connect() as connection:
             return connection.execute(sql).fetchall()
 
+    def execute(self, sql: str) -> None:
+        """Run a statement that returns no rows (TRUNCATE, CHECKPOINT, ...)."""
+        with self.connect() as connection:
+            connection.execute(sql)
+
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 

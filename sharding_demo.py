@@ -22,11 +22,14 @@ The script follows the data
 2. engines   one SQLAlchemy Engine per server;
 3. routing   ``ReadWriteRouter``: writes to the primary, each read to one replica (random or
              round-robin), skipping replicas that cannot be reached;
-4. write     five users with client-made UUIDv7 ids, in one transaction on the primary;
+4. write     make the users' UUIDv7 ids in Python, predict each one's partition with a Python
+             port of PostgreSQL's hash routing, and insert them in one transaction on the primary
+             (through the ORM for a few users, with COPY for many: --users N);
 5. wait      until each replica has replayed the primary's WAL up to that commit, so the reads
              below see the rows just written (read-your-writes); a replica that does not catch up
              in time is left out of this run's reads;
-6. read      the partitions (from the catalog), each one's count and rows, and the first user;
+6. read      from the replicas: where the server actually put this run's users (tableoid), each
+             partition's count and first rows, and the first user;
 7. report    all of it as a ``Report`` (data), then rendered as text or, with --json, as JSON.
 
 Run ``python sharding_demo.py --help`` for the flags and environment variables.
@@ -671,28 +674,19 @@ def replication_status(primary: Server) -> list[StandbyStatus]:
 
 
 class NewUsers:
-    """The users this run will insert, generated before the insert.
+    """The users this run will insert: ids made before the insert, names made on demand.
 
-    The ids are kept as one bytes buffer, 16 bytes each, rather than as uuid.UUID objects:
-    a million UUID objects take about 108 MB, the buffer 16 MB.
+    A million uuid.UUID objects take about 110 MB, well inside this demo's budget for
+    --users 1000000; a loader for far more rows would generate and stream them instead.
     """
 
     def __init__(self, count: int) -> None:
-        buffer = bytearray()
-        for _ in range(count):
-            buffer += new_user_id().bytes
-        self.id_bytes = bytes(buffer)
+        self.ids = [new_user_id() for _ in range(count)]
         self.count = count
 
-    def id_bytes_of(self, number: int) -> bytes:
-        return self.id_bytes[number * 16 : (number + 1) * 16]
-
-    def id_of(self, number: int) -> uuid.UUID:
-        return uuid.UUID(bytes=self.id_bytes_of(number))
-
     def rows(self) -> Iterator[tuple[uuid.UUID, str]]:
-        for number in range(self.count):
-            yield self.id_of(number), user_name(number)
+        for number, user_id in enumerate(self.ids):
+            yield user_id, user_name(number)
 
 
 # Up to this many users, insert through the ORM; above it, with COPY.
@@ -827,16 +821,11 @@ def where_users_landed(
     def work(session: Session) -> tuple[Counter[str], dict[str, str]]:
         counts: Counter[str] = Counter()
         for start in range(0, users.count, LANDING_CHECK_BATCH):
-            batch = [
-                users.id_of(number) for number in range(start, min(start + LANDING_CHECK_BATCH, users.count))
-            ]
+            batch = users.ids[start : start + LANDING_CHECK_BATCH]
             for partition, count in session.execute(by_partition, {"ids": batch}):
                 counts[partition] += count
-        sample = [users.id_of(number) for number in range(min(sample_size, users.count))]
-        sample_partitions = {
-            str(user_id): partition for user_id, partition in session.execute(each_row, {"ids": sample})
-        }
-        return counts, sample_partitions
+        rows = session.execute(each_row, {"ids": users.ids[:sample_size]})
+        return counts, {str(user_id): partition for user_id, partition in rows}
 
     return work
 
@@ -907,7 +896,7 @@ def render_text(report: Report) -> str:
 
     lines += [
         "",
-        f"Inserted {report.users_inserted} users ({report.insert_method}) in one transaction "
+        f"Inserted {report.users_inserted:,} users ({report.insert_method}) in one transaction "
         f"on {describe(report.written_by)}.",
         "Each new user: the partition predicted in Python before the insert -> where the server put it:",
     ]
@@ -916,7 +905,7 @@ def render_text(report: Report) -> str:
         where = f"{user.predicted_partition} -> {user.actual_partition}"
         lines.append(f"  {user.first_name:<12} {user.id}  {where}  {verdict}")
     if report.users_inserted > len(report.inserted_sample):
-        lines.append(f"  ... and {report.users_inserted - len(report.inserted_sample)} more")
+        lines.append(f"  ... and {report.users_inserted - len(report.inserted_sample):,} more")
 
     lines += [
         "",
@@ -933,7 +922,7 @@ def render_text(report: Report) -> str:
                 f"({catchup.lag_bytes} bytes behind): left out of the reads"
             )
 
-    lines += ["", f"This run's {report.users_inserted} users by partition:"]
+    lines += ["", f"This run's {report.users_inserted:,} users by partition:"]
     lines.append(f"  {'partition':<14} {'predicted':>10} {'actual':>10} {'share':>8} {'vs even':>8}")
     for partition in report.partitions:
         share, deviation = share_and_deviation(partition, report.users_inserted)
@@ -949,7 +938,7 @@ def render_text(report: Report) -> str:
         lines.append(f"  {partition.bound_sql}; read from {describe(partition.served_by)}")
         lines += [f"  - {row.first_name} (ID: {row.id})" for row in partition.rows]
         if partition.count > len(partition.rows):
-            lines.append(f"  ... and {partition.count - len(partition.rows)} more")
+            lines.append(f"  ... and {partition.count - len(partition.rows):,} more")
 
     if report.first_user is not None:
         first = report.first_user
@@ -1161,7 +1150,7 @@ def run(flags: argparse.Namespace) -> Report:
 
         # 4. write: make the users, predict where each will land, insert them
         users = NewUsers(flags.users)
-        predicted_partitions = [predict_partition(users.id_bytes_of(n), bounds) for n in range(users.count)]
+        predicted_partitions = [predict_partition(user_id.bytes, bounds) for user_id in users.ids]
         written_by, commit_lsn = insert_users(router.for_write(), users, progress_printer(users.count))
         report = Report(
             server_version=facts.version,
@@ -1170,9 +1159,7 @@ def run(flags: argparse.Namespace) -> Report:
             insert_method="ORM" if users.count <= ORM_INSERT_LIMIT else "COPY",
             users_inserted=users.count,
             inserted_sample=[
-                InsertedUser(
-                    id=users.id_of(n), first_name=user_name(n), predicted_partition=predicted_partitions[n]
-                )
+                InsertedUser(users.ids[n], user_name(n), predicted_partition=predicted_partitions[n])
                 for n in range(min(flags.show, users.count))
             ],
             commit_lsn=commit_lsn,

@@ -1,0 +1,279 @@
+"""bench_insert.py: how fast can the demo load users, next to a baseline, in one run.
+
+Starts its own primary + two replicas with local_cluster.py (free ports on 127.0.0.1), then for
+each N it loads N users into tbl_users three ways, each in a fresh process (so peak memory is that
+method's alone) and on an emptied table:
+
+  copy baseline   hand-written psycopg binary COPY that also generates the UUIDv7s;
+  demo            sharding_demo's own insert path: NewUsers (ids made before the insert) and
+                  insert_users() (COPY above ORM_INSERT_LIMIT users, through the engine's
+                  connection, one transaction);
+  naive ORM       the literal port of GORM's db.Create(&users): session.add_all + commit.
+
+For each it prints rows/s, the ratio to the baseline, the process's peak RSS, and how long the
+replicas took to replay the load after its commit. The demo's Python prediction of each row's
+partition is a separate step in the demo, timed on its own in the `predict` column.
+
+Then, at the largest N, UUIDv7 against UUIDv4 with the baseline COPY: load time, WAL written and
+the size of the primary-key indexes.
+
+    python bench/bench_insert.py                 # N = 10^4, 10^5, 10^6 (naive ORM up to 10^5)
+    python bench/bench_insert.py --sizes 10000   # quicker
+    python bench/bench_insert.py --orm-max 1000000  # also the naive ORM at 10^6 (minutes)
+
+Timings on a shared 2-core machine move by 10-20% from run to run; compare the columns of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+import sharding_demo  # noqa: E402
+from local_cluster import LocalCluster, port_is_free  # noqa: E402
+
+METHODS = ("copy-baseline", "demo", "naive-orm")
+
+
+# ------------------------------------------------------------------------------------------------
+# The three ways to load, each run in a child process
+# ------------------------------------------------------------------------------------------------
+
+
+def load_copy_baseline(dsn: str, count: int, make_id: Callable[[], uuid.UUID] = sharding_demo.uuid7) -> None:
+    """The fastest plain way: one psycopg connection, binary COPY, ids made row by row."""
+    statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
+    with psycopg.connect(dsn) as connection, connection.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.set_types(["uuid", "varchar"])
+        for number in range(count):
+            copy.write_row((make_id(), sharding_demo.user_name(number)))
+
+
+def load_demo(servers: dict[str, sharding_demo.Server], count: int) -> None:
+    """sharding_demo's insert path: make the ids, then insert_users() (COPY for large N)."""
+    users = sharding_demo.NewUsers(count)
+    sharding_demo.insert_users(servers["master-db"], users, progress=lambda done: None)
+
+
+def time_prediction(count: int, bounds: list[sharding_demo.HashBound]) -> float:
+    users = sharding_demo.NewUsers(count)
+    started = time.perf_counter()
+    for user_id in users.ids:
+        sharding_demo.predict_partition(user_id.bytes, bounds)
+    return time.perf_counter() - started
+
+
+def load_naive_orm(servers: dict[str, sharding_demo.Server], count: int) -> None:
+    """What a straight port of GORM's Create does: one ORM object per row, add_all, commit."""
+    users = [
+        sharding_demo.User(id=sharding_demo.uuid7(), first_name=sharding_demo.user_name(n))
+        for n in range(count)
+    ]
+    with sharding_demo.Session(servers["master-db"].engine) as session:
+        session.add_all(users)
+        session.commit()
+
+
+def child(method: str, count: int, environment: dict[str, str]) -> dict[str, float]:
+    """Run one load in this process and measure it; the parent starts one process per load."""
+    os.environ.update(environment)
+    config = sharding_demo.load_config(argparse.Namespace(policy=None, catchup_timeout=None))
+    servers = {
+        settings.server_name: sharding_demo.make_server(settings, 3)
+        for settings in [config.primary, *config.replicas]
+    }
+    primary_dsn = config.primary.url().render_as_string(hide_password=False).replace("+psycopg", "")
+
+    started = time.perf_counter()
+    if method == "copy-baseline":
+        load_copy_baseline(primary_dsn, count)
+    elif method == "copy-baseline-uuid4":
+        load_copy_baseline(primary_dsn, count, make_id=uuid.uuid4)
+    elif method == "demo":
+        load_demo(servers, count)
+    elif method == "naive-orm":
+        load_naive_orm(servers, count)
+    load_seconds = time.perf_counter() - started
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # How long the replicas take to replay everything the load wrote, counted from its commit.
+    with servers["master-db"].engine.connect() as connection:
+        commit_lsn = str(connection.scalar(sharding_demo.text("SELECT pg_current_wal_lsn()")))
+    catchups = [
+        sharding_demo.wait_for_catchup(servers[name], commit_lsn, timeout=300)
+        for name in ("replica-one", "replica-two")
+    ]
+    result = {
+        "seconds": load_seconds,
+        "peak_rss_mb": peak_rss_mb,
+        "catchup_seconds": max(catchup.seconds for catchup in catchups),
+    }
+    if method == "demo":
+        with servers["master-db"].engine.connect() as connection:
+            bounds = [
+                sharding_demo.HashBound.parse(name, bound)
+                for name, bound in sharding_demo.list_partitions(connection)
+            ]
+        result["predict_seconds"] = time_prediction(count, bounds)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The parent: cluster, table resets, one child per load, the table of figures
+# ------------------------------------------------------------------------------------------------
+
+
+def measure(cluster: LocalCluster, method: str, count: int) -> dict[str, float]:
+    reset_table(cluster)
+    wal_before = wal_position(cluster)
+    completed = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(count), json.dumps(cluster.demo_environment())],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(completed.stdout)
+    result["wal_bytes"] = wal_written_since(cluster, wal_before)
+    result["index_bytes"] = primary_key_index_bytes(cluster)
+    rows = cluster.primary.query("SELECT count(*) FROM tbl_users")[0][0]
+    if rows != count:
+        raise SystemExit(f"{method} at {count}: expected {count} rows, found {rows}")
+    return result
+
+
+def reset_table(cluster: LocalCluster) -> None:
+    cluster.primary.execute("TRUNCATE tbl_users")
+    cluster.primary.execute("CHECKPOINT")  # so each load starts with the same full-page-write state
+
+
+def wal_position(cluster: LocalCluster) -> str:
+    return str(cluster.primary.query("SELECT pg_current_wal_lsn()")[0][0])
+
+
+def wal_written_since(cluster: LocalCluster, start: str) -> float:
+    return float(cluster.primary.query(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')")[0][0])  # type: ignore[arg-type]
+
+
+def primary_key_index_bytes(cluster: LocalCluster) -> float:
+    """The primary-key indexes of all partitions (each partition has its own B-tree)."""
+    rows = cluster.primary.query(
+        """
+        SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0)
+        FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indrelid
+        WHERE h.inhparent = 'tbl_users'::regclass AND i.indisprimary
+        """
+    )
+    return float(rows[0][0])  # type: ignore[arg-type]
+
+
+def free_port_base() -> int:
+    for base in range(25432, 35432, 3):
+        if all(port_is_free(base + offset) for offset in range(3)):
+            return base
+    raise SystemExit("no three free ports")
+
+
+def print_load_table(results: dict[tuple[str, int], dict[str, float]], sizes: list[int]) -> None:
+    header = (
+        f"{'N':>9}  {'method':<14} {'rows/s':>10} {'vs baseline':>12} {'peak RSS':>9}"
+        f" {'replicas caught up':>19} {'predict (separate)':>19}"
+    )
+    print(header)
+    print("-" * len(header))
+    for count in sizes:
+        baseline = results[("copy-baseline", count)]
+        baseline_rate = count / baseline["seconds"]
+        for method in METHODS:
+            result = results.get((method, count))
+            if result is None:
+                print(f"{count:>9,}  {method:<14} {'not run (see --orm-max)':>34}")
+                continue
+            rate = count / result["seconds"]
+            predict = f"{result['predict_seconds']:.2f} s" if "predict_seconds" in result else ""
+            catchup_ms = result["catchup_seconds"] * 1000
+            print(
+                f"{count:>9,}  {method:<14} {rate:>10,.0f} {rate / baseline_rate:>11.2f}x"
+                f" {result['peak_rss_mb']:>6.0f} MB {catchup_ms:>16.0f} ms {predict:>19}"
+            )
+    print()
+    if ("naive-orm", 100_000) in results and ("demo", 100_000) in results:
+        demo = results[("demo", 100_000)]["seconds"]
+        orm = results[("naive-orm", 100_000)]["seconds"]
+        print(f"At 100,000 rows the demo's path is {orm / demo:.1f}x the naive ORM's speed.")
+
+
+def generation_seconds(make_id: Callable[[], uuid.UUID], count: int) -> float:
+    """How long Python takes just to make the ids, to separate it from the database's work."""
+    started = time.perf_counter()
+    for _ in range(count):
+        make_id()
+    return time.perf_counter() - started
+
+
+def print_uuid_table(v7: dict[str, float], v4: dict[str, float], count: int) -> None:
+    print(f"UUIDv7 against UUIDv4, {count:,} rows, baseline COPY into the hash-partitioned tbl_users:")
+    print(
+        f"{'':<8} {'load':>8} {'of which ids':>13} {'rows/s':>9} {'WAL written':>12}"
+        f" {'PK indexes':>11} {'index pages':>12}"
+    )
+    generators = {"UUIDv7": sharding_demo.uuid7, "UUIDv4": uuid.uuid4}
+    for name, result in (("UUIDv7", v7), ("UUIDv4", v4)):
+        ids = generation_seconds(generators[name], count)
+        print(
+            f"{name:<8} {result['seconds']:>6.2f} s {ids:>11.2f} s {count / result['seconds']:>9,.0f}"
+            f" {result['wal_bytes'] / 2**20:>9.1f} MB {result['index_bytes'] / 2**20:>8.1f} MB"
+            f" {result['index_bytes'] / 8192:>12,.0f}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument(
+        "--orm-max", type=int, default=100_000, help="largest N for the naive ORM (default 10^5)"
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+
+    if arguments.child:
+        method, count, environment = arguments.child
+        print(json.dumps(child(method, int(count), json.loads(environment))))
+        return 0
+
+    with LocalCluster(port_base=free_port_base()) as cluster:
+        python = sys.version.split()[0]
+        print(f"PostgreSQL {cluster.version} ({cluster.bindir}), {os.cpu_count()} CPUs, Python {python}")
+        print("Each load: a fresh process, an emptied table, one transaction; times are wall clock.\n")
+        results: dict[tuple[str, int], dict[str, float]] = {}
+        for count in arguments.sizes:
+            for method in METHODS:
+                if method == "naive-orm" and count > arguments.orm_max:
+                    continue
+                results[(method, count)] = measure(cluster, method, count)
+                print(f"  measured {method} at {count:,}", file=sys.stderr, flush=True)
+        print_load_table(results, arguments.sizes)
+
+        largest = max(arguments.sizes)
+        v4 = measure(cluster, "copy-baseline-uuid4", largest)
+        print()
+        print_uuid_table(results[("copy-baseline", largest)], v4, largest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
