@@ -148,6 +148,7 @@ def measure(cluster: LocalCluster, method: str, count: int) -> dict[str, float]:
     result: dict[str, float] = json.loads(completed.stdout)
     result["wal_bytes"] = wal_written_since(cluster, wal_before)
     result["index_bytes"] = primary_key_index_bytes(cluster)
+    result["spread"] = largest_deviation_from_even(cluster)
     rows = cluster.primary.query("SELECT count(*) FROM tbl_users")[0][0]
     if rows != count:
         raise SystemExit(f"{method} at {count}: expected {count} rows, found {rows}")
@@ -177,6 +178,18 @@ def primary_key_index_bytes(cluster: LocalCluster) -> float:
         """
     )
     return float(rows[0][0])  # type: ignore[arg-type]
+
+
+def largest_deviation_from_even(cluster: LocalCluster) -> float:
+    """How far the fullest or emptiest partition is from an even 1/4 share, as a fraction."""
+    counts = [
+        int(count)
+        for (count,) in cluster.primary.query(  # type: ignore[call-overload]
+            "SELECT count(*) FROM tbl_users GROUP BY tableoid"
+        )
+    ]
+    even = sum(counts) / 4
+    return max(abs(count - even) / even for count in counts)
 
 
 def free_port_base() -> int:
@@ -224,10 +237,11 @@ def generation_seconds(make_id: Callable[[], uuid.UUID], count: int) -> float:
 
 
 def print_uuid_table(v7: dict[str, float], v4: dict[str, float], count: int) -> None:
-    print(f"UUIDv7 against UUIDv4, {count:,} rows, baseline COPY into the hash-partitioned tbl_users:")
+    print(f"UUIDv7 against UUIDv4, {count:,} rows, baseline COPY into the hash-partitioned tbl_users")
+    print("(spread: the partition furthest from an even quarter of the rows)")
     print(
         f"{'':<8} {'load':>8} {'of which ids':>13} {'rows/s':>9} {'WAL written':>12}"
-        f" {'PK indexes':>11} {'index pages':>12}"
+        f" {'PK indexes':>11} {'index pages':>12} {'spread':>8}"
     )
     generators = {"UUIDv7": sharding_demo.uuid7, "UUIDv4": uuid.uuid4}
     for name, result in (("UUIDv7", v7), ("UUIDv4", v4)):
@@ -235,7 +249,7 @@ def print_uuid_table(v7: dict[str, float], v4: dict[str, float], count: int) -> 
         print(
             f"{name:<8} {result['seconds']:>6.2f} s {ids:>11.2f} s {count / result['seconds']:>9,.0f}"
             f" {result['wal_bytes'] / 2**20:>9.1f} MB {result['index_bytes'] / 2**20:>8.1f} MB"
-            f" {result['index_bytes'] / 8192:>12,.0f}"
+            f" {result['index_bytes'] / 8192:>12,.0f} {result['spread']:>7.2%}"
         )
 
 
