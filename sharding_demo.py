@@ -674,19 +674,24 @@ def replication_status(primary: Server) -> list[StandbyStatus]:
 
 
 class NewUsers:
-    """The users this run will insert: ids made before the insert, names made on demand.
+    """The users this run inserts: (id, name) rows, made as the insert consumes them.
 
-    A million uuid.UUID objects take about 110 MB, well inside this demo's budget for
-    --users 1000000; a loader for far more rows would generate and stream them instead.
+    The first `made_in_advance` ids exist before the insert, so the demo can show where it
+    predicts they will land before sending them. The rest are made while COPY streams: making a
+    million ids first would keep the server idle while Python works, instead of both cores working
+    at once (bench/bench_insert.py measures the difference). Every id is kept in `ids` for the
+    checks after the insert; a million uuid.UUID objects take about 110 MB.
     """
 
-    def __init__(self, count: int) -> None:
-        self.ids = [new_user_id() for _ in range(count)]
+    def __init__(self, count: int, made_in_advance: int) -> None:
         self.count = count
+        self.ids = [new_user_id() for _ in range(min(made_in_advance, count))]
 
     def rows(self) -> Iterator[tuple[uuid.UUID, str]]:
-        for number, user_id in enumerate(self.ids):
-            yield user_id, user_name(number)
+        for number in range(self.count):
+            if number == len(self.ids):
+                self.ids.append(new_user_id())
+            yield self.ids[number], user_name(number)
 
 
 # Up to this many users, insert through the ORM; above it, with COPY.
@@ -1148,20 +1153,22 @@ def run(flags: argparse.Namespace) -> Report:
         standbys = replication_status(router.for_write())
         bounds = [bound for bound, _ in facts.partitions]
 
-        # 4. write: make the users, predict where each will land, insert them
-        users = NewUsers(flags.users)
-        predicted_partitions = [predict_partition(user_id.bytes, bounds) for user_id in users.ids]
+        # 4. write: make the first users and predict where they will land, then insert them all
+        users = NewUsers(flags.users, made_in_advance=flags.show)
+        sample = [
+            InsertedUser(user_id, user_name(number), predict_partition(user_id.bytes, bounds))
+            for number, user_id in enumerate(users.ids)
+        ]
         written_by, commit_lsn = insert_users(router.for_write(), users, progress_printer(users.count))
+        # Every id exists now; predict where each went (in Python: the server is not asked).
+        predicted = Counter(predict_partition(user_id.bytes, bounds) for user_id in users.ids)
         report = Report(
             server_version=facts.version,
             replication=standbys,
             written_by=written_by,
             insert_method="ORM" if users.count <= ORM_INSERT_LIMIT else "COPY",
             users_inserted=users.count,
-            inserted_sample=[
-                InsertedUser(users.ids[n], user_name(n), predicted_partition=predicted_partitions[n])
-                for n in range(min(flags.show, users.count))
-            ],
+            inserted_sample=sample,
             commit_lsn=commit_lsn,
             catchup=[],
         )
@@ -1170,7 +1177,7 @@ def run(flags: argparse.Namespace) -> Report:
         report.catchup = wait_for_replicas(router, commit_lsn, config.demo.catchup_timeout)
 
         # 6. read
-        read_report(router, report, facts.partitions, Counter(predicted_partitions), users, flags.show)
+        read_report(router, report, facts.partitions, predicted, users, flags.show)
         report.skipped = router.skipped
         return report
     finally:

@@ -64,12 +64,12 @@ def load_copy_baseline(dsn: str, count: int, make_id: Callable[[], uuid.UUID] = 
 
 def load_demo(servers: dict[str, sharding_demo.Server], count: int) -> None:
     """sharding_demo's insert path: make the ids, then insert_users() (COPY for large N)."""
-    users = sharding_demo.NewUsers(count)
+    users = sharding_demo.NewUsers(count, made_in_advance=10)  # --show's default
     sharding_demo.insert_users(servers["master-db"], users, progress=lambda done: None)
 
 
 def time_prediction(count: int, bounds: list[sharding_demo.HashBound]) -> float:
-    users = sharding_demo.NewUsers(count)
+    users = sharding_demo.NewUsers(count, made_in_advance=count)
     started = time.perf_counter()
     for user_id in users.ids:
         sharding_demo.predict_partition(user_id.bytes, bounds)
