@@ -676,22 +676,35 @@ def replication_status(primary: Server) -> list[StandbyStatus]:
 class NewUsers:
     """The users this run inserts: (id, name) rows, made as the insert consumes them.
 
-    The first `made_in_advance` ids exist before the insert, so the demo can show where it
-    predicts they will land before sending them. The rest are made while COPY streams: making a
-    million ids first would keep the server idle while Python works, instead of both cores working
-    at once (bench/bench_insert.py measures the difference). Every id is kept in `ids` for the
-    checks after the insert; a million uuid.UUID objects take about 110 MB.
+    The first `made_in_advance` ids (the `sample`) exist before the insert, so the demo can show
+    where it predicts they will land before sending them. The rest are made while COPY streams:
+    making a million ids first would keep the server idle while Python works, instead of both cores
+    working at once (bench/bench_insert.py measures it).
+
+    Every id is also kept, as 16 raw bytes in one buffer, for the checks after the insert. A list of
+    a million uuid.UUID objects would take about 110 MB and keep Python's garbage collector busy
+    walking them; the buffer takes 16 MB and is one object.
     """
 
     def __init__(self, count: int, made_in_advance: int) -> None:
         self.count = count
-        self.ids = [new_user_id() for _ in range(min(made_in_advance, count))]
+        self.sample = [new_user_id() for _ in range(min(made_in_advance, count))]
+        self.id_buffer = bytearray(b"".join(user_id.bytes for user_id in self.sample))
 
     def rows(self) -> Iterator[tuple[uuid.UUID, str]]:
         for number in range(self.count):
-            if number == len(self.ids):
-                self.ids.append(new_user_id())
-            yield self.ids[number], user_name(number)
+            if number < len(self.sample):
+                user_id = self.sample[number]
+            else:
+                user_id = new_user_id()
+                self.id_buffer += user_id.bytes
+            yield user_id, user_name(number)
+
+    def id_bytes(self, number: int) -> bytes:
+        return bytes(self.id_buffer[number * 16 : (number + 1) * 16])
+
+    def ids(self, start: int, stop: int) -> list[uuid.UUID]:
+        return [uuid.UUID(bytes=self.id_bytes(number)) for number in range(start, min(stop, self.count))]
 
 
 # Up to this many users, insert through the ORM; above it, with COPY.
@@ -826,10 +839,10 @@ def where_users_landed(
     def work(session: Session) -> tuple[Counter[str], dict[str, str]]:
         counts: Counter[str] = Counter()
         for start in range(0, users.count, LANDING_CHECK_BATCH):
-            batch = users.ids[start : start + LANDING_CHECK_BATCH]
+            batch = users.ids(start, start + LANDING_CHECK_BATCH)
             for partition, count in session.execute(by_partition, {"ids": batch}):
                 counts[partition] += count
-        rows = session.execute(each_row, {"ids": users.ids[:sample_size]})
+        rows = session.execute(each_row, {"ids": users.sample[:sample_size]})
         return counts, {str(user_id): partition for user_id, partition in rows}
 
     return work
@@ -1157,11 +1170,13 @@ def run(flags: argparse.Namespace) -> Report:
         users = NewUsers(flags.users, made_in_advance=flags.show)
         sample = [
             InsertedUser(user_id, user_name(number), predict_partition(user_id.bytes, bounds))
-            for number, user_id in enumerate(users.ids)
+            for number, user_id in enumerate(users.sample)
         ]
         written_by, commit_lsn = insert_users(router.for_write(), users, progress_printer(users.count))
         # Every id exists now; predict where each went (in Python: the server is not asked).
-        predicted = Counter(predict_partition(user_id.bytes, bounds) for user_id in users.ids)
+        predicted = Counter(
+            predict_partition(users.id_bytes(number), bounds) for number in range(users.count)
+        )
         report = Report(
             server_version=facts.version,
             replication=standbys,
