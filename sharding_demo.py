@@ -69,7 +69,7 @@ T = TypeVar("T")  # what a unit of read work returns
 # Exit codes, one per kind of expected failure (also listed in --help and the README).
 EXIT_OK = 0
 EXIT_CONFIG = 2  # an environment variable or flag is not valid (argparse also uses 2)
-EXIT_PRIMARY_UNREACHABLE = 3  # no connection to the primary
+EXIT_PRIMARY_UNREACHABLE = 3  # no connection to the primary, or lost it during the run
 EXIT_AUTHENTICATION = 4  # the primary refused the user name or password
 EXIT_NOT_INITIALISED = 5  # the primary has no tbl_users: the cluster was not initialised
 
@@ -1084,7 +1084,7 @@ environment variables (also read from a .env file in the current folder; flags w
 
 exit codes:
   0 success (also when a replica was skipped: the report says so)
-  2 invalid setting or flag       3 cannot connect to the primary
+  2 invalid setting or flag       3 cannot connect to (or lost) the primary
   4 the primary refused the login 5 tbl_users missing: the cluster is not initialised
 """
 
@@ -1207,6 +1207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as error:
         print(f"sharding_demo.py: error: {error}", file=sys.stderr)
         return error.exit_code
+    except sqlalchemy.exc.OperationalError as error:
+        # The router survives a replica failing; the primary failing after the checks (say, it is
+        # stopped mid-run) ends the run. The transaction rolls back: nothing is half-written.
+        print(f"sharding_demo.py: error: lost the primary during the run: {one_line(error)}", file=sys.stderr)
+        return EXIT_PRIMARY_UNREACHABLE
     # 7. report
     print(render_json(report) if flags.json else render_text(report))
     for warning in report.warnings:
