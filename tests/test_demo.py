@@ -20,11 +20,14 @@ from sharding_demo import uuid7_created_at
 def demo_run(cluster: LocalCluster) -> dict[str, Any]:
     """One run of the demo with --json; the tests below each check one part of its promise."""
     started = datetime.now(UTC)
+    log_sizes = {node.name: len(node.log_text()) for node in cluster.nodes}
     result = run_demo(cluster, "--json")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no warnings on a healthy cluster
     report: dict[str, Any] = json.loads(result.stdout)
     report["_started"] = started
+    # What each server logged during this run alone (earlier tests' runs logged too).
+    report["_logs"] = {node.name: node.log_text()[log_sizes[node.name] :] for node in cluster.nodes}
     return report
 
 
@@ -76,8 +79,6 @@ def test_every_row_is_reported_in_the_partition_the_server_put_it_in(
     assert reported, "the demo reported no rows"
     for user_id, partition in reported.items():
         assert on_primary[user_id] == partition, user_id
-    for user in demo_run["inserted"]:
-        assert reported[user["id"]] == on_primary[user["id"]]
 
 
 def test_reads_were_served_by_replicas_in_recovery(demo_run: dict[str, Any]) -> None:
@@ -121,15 +122,14 @@ def test_server_logs_show_selects_on_replicas_and_the_insert_only_on_the_primary
     cluster: LocalCluster, demo_run: dict[str, Any]
 ) -> None:
     # log_statement = 'all' and log_line_prefix with app=%a make each server's log the proof.
-    assert demo_run  # the run happened before we read the logs
     inserts = re.compile(r"app=sharding_demo .*INSERT INTO tbl_users")
     selects = re.compile(r"app=sharding_demo .*SELECT count\(\*\)")
-    primary_log = cluster.primary.log_text()
+    primary_log = demo_run["_logs"]["master-db"]
     assert inserts.search(primary_log)
     assert not selects.search(primary_log)
     replicas_used = {p["read_from"] for p in demo_run["partitions"]}
     for replica in cluster.replicas:
-        log = replica.log_text()
+        log = demo_run["_logs"][replica.name]
         assert not inserts.search(log), replica.name
         assert bool(selects.search(log)) == (replica.name in replicas_used), replica.name
 
