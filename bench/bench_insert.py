@@ -17,9 +17,9 @@ partition is a separate step in the demo, timed on its own in the `predict` colu
 Then, at the largest N, UUIDv7 against UUIDv4 with the baseline COPY: load time, WAL written and
 the size of the primary-key indexes.
 
-    python bench/bench_insert.py                 # N = 10^4, 10^5, 10^6 (naive ORM up to 10^5)
-    python bench/bench_insert.py --sizes 10000   # quicker
-    python bench/bench_insert.py --orm-max 1000000  # also the naive ORM at 10^6 (minutes)
+    python bench/bench_insert.py                    # N = 10^4, 10^5, 10^6; about 5 minutes
+    python bench/bench_insert.py --sizes 10000      # quicker
+    python bench/bench_insert.py --orm-max 100000   # skip the naive ORM at 10^6 (a minute, 3 GB)
 
 Timings on a shared 2-core machine move by 10-20% from run to run; compare the columns of one run.
 """
@@ -259,7 +259,7 @@ def main() -> int:
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument(
-        "--orm-max", type=int, default=100_000, help="largest N for the naive ORM (default 10^5)"
+        "--orm-max", type=int, default=1_000_000, help="largest N to run the naive ORM at (default: all)"
     )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     arguments = parser.parse_args()

