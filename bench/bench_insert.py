@@ -53,10 +53,21 @@ METHODS = ("copy-baseline", "demo", "naive-orm")
 # ------------------------------------------------------------------------------------------------
 
 
-def load_copy_baseline(dsn: str, count: int, make_id: Callable[[], uuid.UUID] = sharding_demo.uuid7) -> None:
+def load_copy_baseline(
+    settings: sharding_demo.DatabaseSettings,
+    count: int,
+    make_id: Callable[[], uuid.UUID] = sharding_demo.uuid7,
+) -> None:
     """The fastest plain way: one psycopg connection, binary COPY, ids made row by row."""
     statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
-    with psycopg.connect(dsn) as connection, connection.cursor() as cursor, cursor.copy(statement) as copy:
+    connection = psycopg.connect(
+        host=settings.host,
+        port=settings.port,
+        user=settings.user,
+        password=settings.password.get_secret_value(),
+        dbname=settings.name,
+    )
+    with connection, connection.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types(["uuid", "varchar"])
         for number in range(count):
             copy.write_row((make_id(), sharding_demo.user_name(number)))
@@ -95,13 +106,12 @@ def child(method: str, count: int, environment: dict[str, str]) -> dict[str, flo
         settings.server_name: sharding_demo.make_server(settings, 3)
         for settings in [config.primary, *config.replicas]
     }
-    primary_dsn = config.primary.url().render_as_string(hide_password=False).replace("+psycopg", "")
 
     started = time.perf_counter()
     if method == "copy-baseline":
-        load_copy_baseline(primary_dsn, count)
+        load_copy_baseline(config.primary, count)
     elif method == "copy-baseline-uuid4":
-        load_copy_baseline(primary_dsn, count, make_id=uuid.uuid4)
+        load_copy_baseline(config.primary, count, make_id=uuid.uuid4)
     elif method == "demo":
         load_demo(servers, count)
     elif method == "naive-orm":
