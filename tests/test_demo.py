@@ -170,6 +170,8 @@ def test_help_documents_every_flag_and_variable() -> None:
     assert result.returncode == 0
     for word in [
         "--json",
+        "--users",
+        "--show",
         "--policy",
         "--catchup-timeout",
         "DEMO_READ_POLICY",
