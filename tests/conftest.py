@@ -73,16 +73,17 @@ def run_demo(
     if cluster is not None:
         environment |= cluster.demo_environment()
     environment |= env or {}
-    return subprocess.run(
-        [sys.executable, str(DEMO), *arguments],
-        env=environment,
-        # Run in an empty folder unless told otherwise, so no stray .env file changes the settings.
-        cwd=cwd or tempfile.mkdtemp(prefix="demo-cwd-"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    # Run in an empty folder unless told otherwise, so no stray .env file changes the settings.
+    with tempfile.TemporaryDirectory(prefix="demo-cwd-") as empty_folder:
+        return subprocess.run(
+            [sys.executable, str(DEMO), *arguments],
+            env=environment,
+            cwd=cwd or empty_folder,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
 
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,13 +142,14 @@ def test_running_twice_gives_ten_rows_everywhere(cluster: LocalCluster) -> None:
         assert wait_until(lambda replica=replica: ids_on(replica) == inserted), replica.name
 
 
-def test_eight_concurrent_runs_lose_and_duplicate_nothing(cluster: LocalCluster) -> None:
+def test_eight_concurrent_runs_lose_and_duplicate_nothing(cluster: LocalCluster, tmp_path: Path) -> None:
     truncate_users(cluster)
     environment = clean_environment() | cluster.demo_environment()
     processes = [
         subprocess.Popen(
             [sys.executable, str(DEMO), "--json"],
             env=environment,
+            cwd=tmp_path,  # an empty folder: no stray .env file
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
