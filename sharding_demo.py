@@ -473,6 +473,7 @@ class HashBound:
     partition: str
     modulus: int
     remainder: int
+    sql: str  # the bound as pg_get_expr writes it
 
     @classmethod
     def parse(cls, partition: str, bound: str) -> HashBound:
@@ -480,7 +481,7 @@ class HashBound:
         match = re.fullmatch(r"FOR VALUES WITH \(modulus (\d+), remainder (\d+)\)", bound)
         if match is None:
             raise DemoError(f"{partition} is not a hash partition ({bound})", EXIT_NOT_INITIALISED)
-        return cls(partition, int(match.group(1)), int(match.group(2)))
+        return cls(partition, int(match.group(1)), int(match.group(2)), bound)
 
 
 def predict_partition(user_id_bytes: bytes, bounds: Sequence[HashBound]) -> str:
@@ -540,7 +541,6 @@ class CatchUp:
 @dataclass
 class PartitionReport:
     bound: HashBound
-    bound_sql: str  # e.g. "FOR VALUES WITH (modulus 4, remainder 0)"
     count: int  # rows in the partition now, from every run
     rows: list[UserRow]  # the first --show rows by id
     served_by: ServedBy
@@ -593,7 +593,7 @@ class Report:
 @dataclass
 class PrimaryFacts:
     version: str
-    partitions: list[tuple[HashBound, str]]  # each partition's bound, parsed and as SQL
+    partitions: list[HashBound]
 
 
 def check_primary(primary: Server) -> PrimaryFacts:
@@ -632,7 +632,7 @@ def check_primary(primary: Server) -> PrimaryFacts:
             "(start it with `docker compose up -d --wait` or `python local_cluster.py`)",
             EXIT_NOT_INITIALISED,
         )
-    return PrimaryFacts(version, [(HashBound.parse(name, bound), bound) for name, bound in partitions])
+    return PrimaryFacts(version, [HashBound.parse(name, bound) for name, bound in partitions])
 
 
 def list_partitions(connection: Connection) -> list[tuple[str, str]]:
@@ -717,6 +717,10 @@ class NewUsers:
 ORM_INSERT_LIMIT = 1000
 
 
+def insert_method(count: int) -> str:
+    return "ORM" if count <= ORM_INSERT_LIMIT else "COPY"
+
+
 def insert_with_orm(session: Session, users: NewUsers) -> None:
     session.add_all(User(id=user_id, first_name=name) for user_id, name in users.rows())
 
@@ -740,7 +744,7 @@ def insert_users(primary: Server, users: NewUsers, progress: Callable[[int], Non
     position of the commit, which the replicas must reach before they can show these rows."""
     with Session(primary.engine) as session:
         with session.begin():
-            if users.count <= ORM_INSERT_LIMIT:
+            if insert_method(users.count) == "ORM":
                 insert_with_orm(session, users)
                 session.flush()  # send the INSERTs now, so the check below runs after them
             else:
@@ -822,14 +826,12 @@ def read_partition(partition: str, show: int) -> Callable[[Session], tuple[int, 
 LANDING_CHECK_BATCH = 50_000
 
 
-def where_users_landed(
-    users: NewUsers, sample_size: int
-) -> Callable[[Session], tuple[Counter[str], dict[str, str]]]:
+def where_users_landed(users: NewUsers) -> Callable[[Session], tuple[Counter[str], dict[str, str]]]:
     """A read that asks the server which partition holds each of this run's users.
 
     tableoid is a system column: the OID of the table a row is physically stored in, so
     tableoid::regclass names the partition. Returns the count per partition, and the partition of
-    each of the first `sample_size` users.
+    each user in `users.sample`.
     """
     by_partition = text(
         f"SELECT tableoid::regclass::text, count(*) FROM {PARENT_TABLE} WHERE id = ANY(:ids) GROUP BY 1"
@@ -842,7 +844,7 @@ def where_users_landed(
             batch = users.ids(start, start + LANDING_CHECK_BATCH)
             for partition, count in session.execute(by_partition, {"ids": batch}):
                 counts[partition] += count
-        rows = session.execute(each_row, {"ids": users.sample[:sample_size]})
+        rows = session.execute(each_row, {"ids": users.sample})
         return counts, {str(user_id): partition for user_id, partition in rows}
 
     return work
@@ -857,21 +859,20 @@ def read_first_user(session: Session) -> UserRow | None:
 def read_report(
     router: ReadWriteRouter,
     report: Report,
-    partitions: list[tuple[HashBound, str]],
+    partitions: list[HashBound],
     predicted: Counter[str],
     users: NewUsers,
     show: int,
 ) -> None:
-    (actual, sample_partitions), report.landing_checked_by = router.read(where_users_landed(users, show))
+    (actual, sample_partitions), report.landing_checked_by = router.read(where_users_landed(users))
     for user in report.inserted_sample:
         user.actual_partition = sample_partitions.get(str(user.id))
 
-    for bound, bound_sql in partitions:
+    for bound in partitions:
         (count, rows), served_by = router.read(read_partition(bound.partition, show))
         report.partitions.append(
             PartitionReport(
                 bound=bound,
-                bound_sql=bound_sql,
                 count=count,
                 rows=rows,
                 served_by=served_by,
@@ -953,7 +954,7 @@ def render_text(report: Report) -> str:
 
     for partition in report.partitions:
         lines += ["", f"Partition {partition.bound.partition}: {partition.count} records"]
-        lines.append(f"  {partition.bound_sql}; read from {describe(partition.served_by)}")
+        lines.append(f"  {partition.bound.sql}; read from {describe(partition.served_by)}")
         lines += [f"  - {row.first_name} (ID: {row.id})" for row in partition.rows]
         if partition.count > len(partition.rows):
             lines.append(f"  ... and {partition.count - len(partition.rows):,} more")
@@ -989,7 +990,7 @@ def partition_json(partition: PartitionReport, users_inserted: int) -> dict[str,
     share, deviation = share_and_deviation(partition, users_inserted)
     return {
         "name": partition.bound.partition,
-        "bound": partition.bound_sql,
+        "bound": partition.bound.sql,
         "modulus": partition.bound.modulus,
         "remainder": partition.bound.remainder,
         "count": partition.count,
@@ -1164,24 +1165,23 @@ def run(flags: argparse.Namespace) -> Report:
     try:
         facts = check_primary(router.for_write())
         standbys = replication_status(router.for_write())
-        bounds = [bound for bound, _ in facts.partitions]
 
         # 4. write: make the first users and predict where they will land, then insert them all
         users = NewUsers(flags.users, made_in_advance=flags.show)
         sample = [
-            InsertedUser(user_id, user_name(number), predict_partition(user_id.bytes, bounds))
+            InsertedUser(user_id, user_name(number), predict_partition(user_id.bytes, facts.partitions))
             for number, user_id in enumerate(users.sample)
         ]
         written_by, commit_lsn = insert_users(router.for_write(), users, progress_printer(users.count))
         # Every id exists now; predict where each went (in Python: the server is not asked).
         predicted = Counter(
-            predict_partition(users.id_bytes(number), bounds) for number in range(users.count)
+            predict_partition(users.id_bytes(number), facts.partitions) for number in range(users.count)
         )
         report = Report(
             server_version=facts.version,
             replication=standbys,
             written_by=written_by,
-            insert_method="ORM" if users.count <= ORM_INSERT_LIMIT else "COPY",
+            insert_method=insert_method(users.count),
             users_inserted=users.count,
             inserted_sample=sample,
             commit_lsn=commit_lsn,
