@@ -1,26 +1,42 @@
 """local_cluster.py: the demo's primary and two streaming replicas, without Docker.
 
-``docker compose up`` starts three containers: ``master-db`` initialised from init-master.sql,
-pg_hba.conf, postgresql.conf and setup-config.sh, and ``replica-one`` / ``replica-two`` cloned
-from it by replica-bootstrap.sh. This script does the same steps with PostgreSQL server binaries
-on this machine, using the SAME files, so running it (as the tests do) tests them:
+``docker compose up`` starts three containers: ``master-db``, initialised from init-master.sql,
+setup-config.sh, postgresql.conf and pg_hba.conf, and ``replica-one`` / ``replica-two``, cloned
+from it by replica-bootstrap.sh. This script does the same steps with the PostgreSQL server
+programs on this machine and the SAME files, so running it (as the tests do) tests those files.
 
-1. ``initdb`` a data directory for the primary, start it on a Unix socket only, run the init
-   files in name order exactly as the official image's entrypoint does (``*.sql`` with psql,
-   ``*.sh`` with bash), stop it, and start it for real;
-2. for each replica, run replica-bootstrap.sh (``pg_basebackup -R -C -S``) and start it;
+"Cluster" here means these three servers. (In PostgreSQL's own words, a "database cluster" is
+one server's data directory: this starts three of those.)
+
+What it does, step by step, as compose and the official image's docker-entrypoint.sh do:
+
+1. ``initdb`` the primary's data directory; start a temporary server that listens on its Unix
+   socket only; run the init files in name order (``*.sql`` with psql; ``*.sh`` executed if it is
+   executable, sourced if not; anything else ignored); stop it; start the real server;
+2. clone both replicas **at the same moment**, each with replica-bootstrap.sh, and start each one
+   as soon as its own clone is done: compose starts both replica services together once the
+   primary is healthy;
 3. wait until the primary's ``pg_stat_replication`` shows both replicas streaming.
 
-What differs from the containers, and why:
+Where it differs from the containers, and why (each difference once):
 
-* Each server gets its own port (5432, 5433, 5434 by default, ``--port-base`` moves them),
-  listens on 127.0.0.1 only, and keeps its Unix socket in the cluster's own folder. In Docker,
-  each container has its own network address and socket directory, so postgresql.conf can say
-  ``listen_addresses = '*'`` and ``port = 5432``; here all three share one machine, so those
-  three settings are overridden on the command line (``postgres -p ... -c ...``).
-* PostgreSQL refuses to run as root. Run as root (as CI does), the servers run as the
-  ``postgres`` user if there is one, else ``nobody``, the way the image runs them as its
-  ``postgres`` user.
+* One machine, not three: each server gets its own port (5432, 5433, 5434 by default;
+  ``--port-base`` moves them), listens on 127.0.0.1 only, and keeps its Unix socket in this
+  cluster's temporary folder. Those three settings (port, listen_addresses,
+  unix_socket_directories) are given on the server's command line, over postgresql.conf's
+  ``listen_addresses = '*'`` and ``port = 5432``, which suit a container with its own address.
+  The replicas find the primary at 127.0.0.1 and its port, not at ``master-db:5432``.
+* The files are copied into that folder, with their modes (compose bind-mounts them as they are).
+* The user: run as root (as CI runs), the servers run as the ``postgres`` user if there is one,
+  else ``nobody``; the image runs them as its own ``postgres`` user.
+* initdb runs with ``--locale=C`` (the image: en_US.utf8). The image's step that creates
+  POSTGRES_DB if missing is skipped: it is ``postgres``, which initdb always makes.
+* A replica's server is started by ``pg_ctl`` after its clone, with its log in a file; in the
+  container, replica-bootstrap.sh execs ``postgres`` itself and the log goes to
+  ``docker compose logs``.
+* No healthchecks: step 3 waits on the primary's view instead. The tests run compose's own
+  healthcheck commands against these servers.
+* The PostgreSQL version is whatever binaries are found (see below), not the image's 17.
 
 Use it from the shell::
 
@@ -51,6 +67,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,26 +304,45 @@ class PostgresNode:
 
         # The image starts a temporary server that listens on the Unix socket only, so that no
         # client can connect before initialisation is complete, and runs the init files on it.
+        # (The image passes the service's command-line settings to it too: cluster_name here.)
         self.start(listen_on_tcp=False)
         self.run_init_files()
         self.stop()
 
     def run_init_files(self) -> None:
-        """Run /docker-entrypoint-initdb.d/ in name order: *.sql with psql, *.sh with bash."""
+        """Run /docker-entrypoint-initdb.d/ as the image's entrypoint does (docker_process_init_files).
+
+        In name order: ``*.sql`` with psql (stop at the first error); ``*.sh`` executed if it is
+        executable, and otherwise *sourced* into the entrypoint's own shell, which runs with
+        ``set -Eeo pipefail``; anything else is ignored (the .conf files: setup-config.sh copies
+        them). A file's mode is the one it has in your checkout: compose bind-mounts it as it is.
+        """
         for path in sorted(self.cluster.initdb_dir.iterdir()):
             if path.suffix == ".sql":
                 self.cluster.run(
-                    "psql", "-v", "ON_ERROR_STOP=1", "--no-psqlrc", "--quiet", "-f", path, node=self
+                    "psql",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    f"--username={SUPERUSER}",
+                    "--no-password",
+                    "--no-psqlrc",
+                    "--dbname=postgres",
+                    "-f",
+                    path,
+                    node=self,
                 )
+            elif path.suffix == ".sh" and os.access(path, os.X_OK):
+                self.cluster.run(path, node=self)  # its #! line picks the interpreter
             elif path.suffix == ".sh":
-                self.cluster.run("bash", path, node=self)
-            # Anything else (the .conf files) is ignored here, as the image ignores it:
-            # setup-config.sh is what copies them into place.
+                self.cluster.run(
+                    "bash", "-Eeo", "pipefail", "-c", '. "$1"', "docker-entrypoint.sh", path, node=self
+                )
 
     # -- replicas --------------------------------------------------------------------------------
 
-    def init_from_backup(self, primary: PostgresNode, slot: str) -> None:
-        """Clone the primary into this node's data directory with replica-bootstrap.sh."""
+    def clone_from(self, primary: PostgresNode, slot: str) -> None:
+        """Make this node a standby of `primary` with replica-bootstrap.sh (a live pg_basebackup
+        through replication slot `slot`), as the replica services in docker-compose.yml do."""
         self.cluster.run(
             "bash",
             self.cluster.base_dir / REPLICA_BOOTSTRAP,
@@ -383,8 +419,13 @@ class PostgresNode:
 class LocalCluster:
     """A primary and two streaming replicas in a temporary folder; a context manager."""
 
-    def __init__(self, port_base: int = 5432, bindir: str | None = None) -> None:
+    def __init__(
+        self, port_base: int = 5432, bindir: str | None = None, project_dir: Path = PROJECT_DIR
+    ) -> None:
         self.port_base = port_base
+        # Where docker-compose.yml, the init files and replica-bootstrap.sh are (tests point this
+        # at a modified copy).
+        self.project_dir = project_dir
         self.bindir = find_bindir(bindir if bindir is not None else os.environ.get("PG_BINDIR"))
         self.version = server_version(self.bindir)
         self.user = ServerUser.choose()
@@ -415,6 +456,7 @@ class LocalCluster:
             "LANG": "C.UTF-8",
             "POSTGRES_USER": SUPERUSER,
             "POSTGRES_DB": "postgres",
+            "POSTGRES_PASSWORD": self.superuser_password,
             "REPLICATOR_PASSWORD": self.replicator_password,
         }
         if node is not None:
@@ -423,20 +465,22 @@ class LocalCluster:
 
     def run(
         self,
-        program: str,
+        program: str | Path,
         *arguments: str | Path,
         node: PostgresNode | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> str:
         """Run a PostgreSQL program (or a script that uses them) as the server's user."""
         env = self.environment(node) | (extra_env or {})
-        executable = self.bindir / program if (self.bindir / program).exists() else program
+        in_bindir = self.bindir / program
+        executable = in_bindir if isinstance(program, str) and in_bindir.exists() else program
         result = self.user.run([executable, *arguments], env=env, cwd=self.base_dir)
         if result.returncode != 0:
             where = f" for {node.name}" if node else ""
             details = (result.stderr or result.stdout).strip().splitlines()[-3:]
             log_tail = node.log_text().strip().splitlines()[-3:] if node else []
-            raise ClusterError(f"{program}{where} failed: " + " | ".join(details + log_tail))
+            name = program.name if isinstance(program, Path) else program
+            raise ClusterError(f"{name}{where} failed: " + " | ".join(details + log_tail))
         return result.stdout
 
     # -- the whole cluster -------------------------------------------------------------------------
@@ -445,8 +489,10 @@ class LocalCluster:
         """Copy the project's files where the server's user can read them, as compose mounts them."""
         self.initdb_dir.mkdir()
         for mounted_name, project_file in INIT_FILES.items():
-            shutil.copy(PROJECT_DIR / project_file, self.initdb_dir / mounted_name)
-        shutil.copy(PROJECT_DIR / REPLICA_BOOTSTRAP, self.base_dir / REPLICA_BOOTSTRAP)
+            # shutil.copy keeps the file's mode: whether a *.sh is executable decides how the
+            # entrypoint runs it (see run_init_files).
+            shutil.copy(self.project_dir / project_file, self.initdb_dir / mounted_name)
+        shutil.copy(self.project_dir / REPLICA_BOOTSTRAP, self.base_dir / REPLICA_BOOTSTRAP)
         self.socket_dir.mkdir(mode=0o700)
         for path in (
             self.initdb_dir,
@@ -473,10 +519,43 @@ class LocalCluster:
 
         self.primary.init()
         self.primary.start()
-        for replica, slot in zip(self.replicas, REPLICAS.values(), strict=True):
-            replica.init_from_backup(self.primary, slot)
-            replica.start()
+        self.clone_replicas_at_once()
         self.wait_for_streaming()
+
+    def clone_replicas_at_once(self, stagger: float = 0.0) -> None:
+        """Clone both replicas at the same moment, then start each one as soon as its clone is done.
+
+        That is what compose does: both replica services wait only for the primary to be healthy,
+        so both start together, and each bootstrap execs the server when its own clone ends. Two
+        clones at once is also what once made a fresh start fail (see replica-bootstrap.sh), so
+        the launcher must not do them one after the other, or no test would ever see it.
+
+        `stagger` delays each clone after the first by that many seconds more than the one before:
+        containers that compose starts "together" begin some milliseconds apart, and the tests
+        sweep that gap.
+        """
+        ready = threading.Barrier(len(self.replicas))
+        errors: list[ClusterError] = []
+
+        def clone_and_start(replica: PostgresNode, slot: str, delay: float) -> None:
+            try:
+                ready.wait()
+                time.sleep(delay)
+                replica.clone_from(self.primary, slot)
+                replica.start()
+            except ClusterError as error:
+                errors.append(error)
+
+        threads = [
+            threading.Thread(target=clone_and_start, args=(replica, slot, order * stagger), name=replica.name)
+            for order, (replica, slot) in enumerate(zip(self.replicas, REPLICAS.values(), strict=True))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise ClusterError("; ".join(str(error) for error in errors))
 
     def wait_for_streaming(self, timeout: float = 60.0) -> None:
         """Until the primary sees every replica streaming (each replica's WAL receiver connects

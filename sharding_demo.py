@@ -50,6 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import psycopg
@@ -184,6 +185,36 @@ def load_config(flags: argparse.Namespace) -> Config:
     if flags.catchup_timeout is not None:
         config.demo.catchup_timeout = flags.catchup_timeout
     return config
+
+
+# A line of a .env file: NAME=value, with an optional `export ` before it.
+DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def dotenv_dollar_warnings(path: Path = Path(".env")) -> list[str]:
+    """Passwords in .env that docker compose and this demo would read differently.
+
+    One .env configures both, but they treat `$` differently. Compose (v2) replaces $NAME, ${NAME}
+    and $$ in a value that is unquoted or in double quotes, and takes a single-quoted value as
+    it is. This demo reads .env with python-dotenv (through pydantic-settings), which replaces
+    only ${NAME}, even inside single quotes. So MASTER_DB_PASSWORD=pa$word gives the server the
+    password 'pa' and the demo 'pa$word', and the login fails. Written 'pa$word', both agree.
+    """
+    if not path.is_file():
+        return []
+    warnings = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = DOTENV_LINE.match(line)
+        if match is None or not match.group(1).endswith("PASSWORD"):
+            continue
+        name, value = match.groups()
+        compose_expands = not value.startswith("'") and re.search(r"\$[A-Za-z_{$]", value)
+        if compose_expands or "${" in value:
+            warnings.append(
+                f"{name} in .env has a '$' that docker compose and this demo read differently; "
+                f"write the value in single quotes, without '${{' ({name}='...')"
+            )
+    return warnings
 
 
 def describe_invalid_setting(settings_class: type[BaseSettings], error: ValidationError) -> str:
@@ -1202,6 +1233,8 @@ def run(flags: argparse.Namespace) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> int:
     flags = parse_flags(argv)
+    for warning in dotenv_dollar_warnings():
+        print(f"sharding_demo.py: warning: {warning}", file=sys.stderr)
     try:
         report = run(flags)
     except DemoError as error:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import PROJECT_DIR, clean_environment
+from conftest import PROJECT_DIR, clean_environment, connect, wait_until
 from local_cluster import INIT_FILES, REPLICA_BOOTSTRAP, REPLICAS, LocalCluster, PostgresNode
 from sharding_demo import MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings
 
@@ -155,3 +155,28 @@ def test_replica_healthcheck_passes_on_streaming_standbys_only(cluster: LocalClu
             assert run_healthcheck(command, cluster, replica) == 0, replica.name
         # The primary answers pg_isready too, but it is not a standby: unhealthy as a replica.
         assert run_healthcheck(command, cluster, cluster.primary) != 0
+
+
+def statement_lines(node: PostgresNode, after: int) -> list[str]:
+    """The log_statement lines the server wrote after byte `after` of its log."""
+    text = node.log_file.read_bytes()[after:].decode(errors="replace")
+    return [line for line in text.splitlines() if " statement: " in line]
+
+
+def test_healthcheck_probes_stay_out_of_the_statement_log(cluster: LocalCluster) -> None:
+    for name, node in (("master-db", cluster.primary), *zip(REPLICAS, cluster.replicas, strict=True)):
+        command = healthcheck_command(name)
+        log_size = node.log_file.stat().st_size
+        for _ in range(10):
+            assert run_healthcheck(command, cluster, node) == 0, name
+        assert statement_lines(node, after=log_size) == [], name
+
+        # ... while a client's statements still are: log_statement = 'all' is what shows the
+        # demo's SELECTs in `docker compose logs`.
+        with connect(node) as connection:
+            connection.execute("SELECT 'a client statement'")
+
+        def client_statement_logged(node: PostgresNode = node, log_size: int = log_size) -> bool:
+            return any("SELECT 'a client statement'" in line for line in statement_lines(node, log_size))
+
+        assert wait_until(client_statement_logged), name
