@@ -8,7 +8,13 @@ import pytest
 
 from conftest import DEMO_VARIABLE_PREFIXES, connect, run_demo
 from local_cluster import LocalCluster
-from sharding_demo import DemoSettings, MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings
+from sharding_demo import (
+    DemoSettings,
+    MasterDBSettings,
+    ReplicaOneSettings,
+    ReplicaTwoSettings,
+    dotenv_dollar_warnings,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -102,3 +108,46 @@ def test_invalid_flag_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert "invalid choice: 'fastest'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# One .env for docker compose and the demo: how each reads a '$' (README, "One .env for both").
+@pytest.mark.parametrize(
+    ("line", "demo_reads", "warned"),
+    [
+        # Single quotes: compose takes the value as it is, and so does python-dotenv.
+        ("MASTER_DB_PASSWORD='pa$word'", "pa$word", False),
+        # Unquoted or double-quoted: compose replaces $word (here with nothing); the demo does not.
+        ("MASTER_DB_PASSWORD=pa$word", "pa$word", True),
+        ('MASTER_DB_PASSWORD="pa$word"', "pa$word", True),
+        ("MASTER_DB_PASSWORD=pa$$word", "pa$$word", True),
+        # ${NAME}: python-dotenv replaces it even inside single quotes; compose does not there.
+        ("MASTER_DB_PASSWORD='pa${NO_SUCH_VARIABLE}word'", "paword", True),
+        # '$' before something that is not a name: both keep it.
+        ("MASTER_DB_PASSWORD=pa$1word", "pa$1word", False),
+    ],
+)
+def test_dollar_in_a_dotenv_password(
+    isolated_settings: Path, line: str, demo_reads: str, warned: bool
+) -> None:
+    (isolated_settings / ".env").write_text(line + "\n")
+    assert MasterDBSettings().password.get_secret_value() == demo_reads
+    warnings = dotenv_dollar_warnings()
+    assert len(warnings) == int(warned)
+    if warned:
+        assert warnings[0].startswith("MASTER_DB_PASSWORD in .env has a '$'")
+
+
+def test_unquoted_dollar_password_is_explained_before_the_login_fails(
+    cluster: LocalCluster, isolated_settings: Path
+) -> None:
+    # The password comes from .env only, so the outer environment must not set it.
+    environment = {
+        name: value for name, value in cluster.demo_environment().items() if name != "MASTER_DB_PASSWORD"
+    }
+    (isolated_settings / ".env").write_text("MASTER_DB_PASSWORD=pa$word\n")
+    result = run_demo(None, env=environment, cwd=isolated_settings)
+    assert result.returncode == 4, result.stderr
+    warning, error = result.stderr.splitlines()
+    assert warning.startswith("sharding_demo.py: warning: MASTER_DB_PASSWORD in .env has a '$'")
+    assert error.startswith("sharding_demo.py: error: master-db (127.0.0.1:")
+    assert "refused the login" in error
