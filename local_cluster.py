@@ -374,6 +374,7 @@ class PostgresNode:
             f"--options={' '.join(options)}",
             "--wait",
             "--timeout=60",
+            node=self,
         )
         self.running = True
 
@@ -382,7 +383,7 @@ class PostgresNode:
         if not self.running:
             return
         self.cluster.run(
-            "pg_ctl", "stop", f"--pgdata={self.data_dir}", "--mode=fast", "--wait", "--timeout=60"
+            "pg_ctl", "stop", f"--pgdata={self.data_dir}", "--mode=fast", "--wait", "--timeout=60", node=self
         )
         self.running = False
 

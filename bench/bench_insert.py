@@ -75,15 +75,14 @@ def load_copy_baseline(
 
 def load_demo(servers: dict[str, sharding_demo.Server], count: int) -> None:
     """sharding_demo's insert path: make the ids, then insert_users() (COPY for large N)."""
-    users = sharding_demo.NewUsers(count, made_in_advance=10)  # --show's default
+    users = sharding_demo.NewUsers.make(count)
     sharding_demo.insert_users(servers["master-db"], users, progress=lambda done: None)
 
 
 def time_prediction(count: int, bounds: list[sharding_demo.HashBound]) -> float:
-    users = sharding_demo.NewUsers(count, made_in_advance=count)
+    users = sharding_demo.NewUsers.make(count)
     started = time.perf_counter()
-    for number in range(count):
-        sharding_demo.predict_partition(users.id_bytes(number), bounds)
+    sharding_demo.predict_partitions(users, bounds)
     return time.perf_counter() - started
 
 
@@ -101,9 +100,9 @@ def load_naive_orm(servers: dict[str, sharding_demo.Server], count: int) -> None
 def child(method: str, count: int, environment: dict[str, str]) -> dict[str, float]:
     """Run one load in this process and measure it; the parent starts one process per load."""
     os.environ.update(environment)
-    config = sharding_demo.load_config(argparse.Namespace(policy=None, catchup_timeout=None))
+    config = sharding_demo.load_config(argparse.Namespace(read_policy=None, catchup_timeout=None))
     servers = {
-        settings.server_name: sharding_demo.make_server(settings, 3)
+        settings.service: sharding_demo.make_server(settings, 3)
         for settings in [config.primary, *config.replicas]
     }
 
@@ -132,11 +131,7 @@ def child(method: str, count: int, environment: dict[str, str]) -> dict[str, flo
         "catchup_seconds": max(catchup.seconds for catchup in catchups),
     }
     if method == "demo":
-        with servers["master-db"].engine.connect() as connection:
-            bounds = [
-                sharding_demo.HashBound.parse(name, bound)
-                for name, bound in sharding_demo.list_partitions(connection)
-            ]
+        bounds = sharding_demo.read_partition_bounds(servers["master-db"])
         result["predict_seconds"] = time_prediction(count, bounds)
     return result
 

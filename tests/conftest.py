@@ -28,9 +28,15 @@ DEMO_VARIABLE_PREFIXES = ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_", "DEMO_")
 
 
 def free_port_base() -> int:
-    """Three consecutive free ports, away from 5432 (which a developer's own server may hold)."""
+    """Three consecutive free ports, away from 5432 (which a developer's own server may hold).
+
+    They are taken below Linux's ephemeral range (ip_local_port_range, 32768 and up by default):
+    a port in that range can be free now and then taken as the local end of some client's
+    connection (a replica's WAL receiver, a test's psycopg), and a server started on it later in
+    the session would fail with "Address already in use".
+    """
     for _ in range(100):
-        base = random.randrange(20000, 40000)
+        base = random.randrange(20000, 32000)
         if all(port_is_free(base + offset) for offset in range(3)):
             return base
     raise RuntimeError("no three consecutive free ports found")
