@@ -819,8 +819,16 @@ def render_text(report: Report) -> str:
             f"  its creation time is decoded from the UUIDv7 itself; read from {describe(first.served_by)}"
         )
 
-    if report.warnings:
-        lines += ["", "Warnings:"] + [f"  {warning}" for warning in report.warnings]
+    # A replica left out by the wait is explained there; say here only what happened after it.
+    left_out_by_wait = {catchup.replica.service for catchup in report.catchup if not catchup.caught_up}
+    later = [skip for skip in report.skipped if skip.replica not in left_out_by_wait]
+    if later or report.reads_fell_back_to_primary:
+        lines += ["", "During the reads:"]
+        lines += [f"  {skip.replica} ({skip.address}) left out: {skip.reason}" for skip in later]
+        if report.reads_fell_back_to_primary:
+            lines.append(
+                f"  no replica left, so the reads went to the primary {report.written.written_by.service}"
+            )
     return "\n".join(lines)
 
 

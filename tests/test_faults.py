@@ -173,3 +173,13 @@ def test_eight_concurrent_runs_lose_and_duplicate_nothing(cluster: LocalCluster,
         assert sum(p["actual"] for p in report["partitions"]) == 5
         assert [p["predicted"] for p in report["partitions"]] == [p["actual"] for p in report["partitions"]]
         assert all(user["predicted_partition"] == user["actual_partition"] for user in report["inserted"])
+
+
+def test_text_report_names_a_stopped_replica_once(cluster: LocalCluster) -> None:
+    stopped = cluster.replicas[0]
+    stopped.stop()
+    result = run_demo(cluster)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # the text report says it; no second copy on stderr
+    assert f"  {stopped.name}: unreachable: " in result.stdout
+    assert result.stdout.count(f"port {stopped.port} failed") == 1
