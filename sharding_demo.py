@@ -141,19 +141,8 @@ def run(flags: argparse.Namespace) -> Report:
             written=written,
             standbys_after_commit=standbys,
             catchup=catchup,
-            new_users=[
-                NewUserReport(
-                    id=users.user_id(number),
-                    first_name=user_name(number),
-                    predicted_partition=predict_partition(users.id_bytes(number), bounds),
-                    actual_partition=landing.partition_of.get(users.user_id(number)),
-                )
-                for number in range(min(flags.show, users.count))
-            ],
-            landing=[
-                LandingCount(bound.partition, predicted[bound.partition], landing.counts[bound.partition])
-                for bound in bounds
-            ],
+            new_users=new_user_reports(users, bounds, landing, flags.show),
+            landing=landing_counts(bounds, predicted, landing),
             landing_checked_by=checked_by,
             partitions=partitions,
             first_user=first_user,
@@ -175,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except sqlalchemy.exc.OperationalError as error:
         # The router survives a replica failing; the primary failing after the checks (say, it is
-        # stopped mid-run) ends the run. Before the commit, the transaction rolls back; after it,
-        # the users are in the table (the issue tracker has the work to say which, exactly).
+        # stopped mid-run) ends the run. Whether this run's users were committed depends on when it
+        # failed, and this message does not say (docs/failures.md).
         print(f"sharding_demo.py: error: lost the primary during the run: {one_line(error)}", file=sys.stderr)
         return EXIT_PRIMARY_UNREACHABLE
     if flags.json:
@@ -743,6 +732,30 @@ class Report:
         if self.reads_fell_back_to_primary:
             lines.append(f"no replica left: reads went to the primary {self.written.written_by.service}")
         return lines
+
+
+def new_user_reports(
+    users: NewUsers, bounds: Sequence[HashBound], landing: Landing, show: int
+) -> list[NewUserReport]:
+    """The first `show` new users, each with its predicted and its actual partition."""
+    return [
+        NewUserReport(
+            id=users.user_id(number),
+            first_name=user_name(number),
+            predicted_partition=predict_partition(users.id_bytes(number), bounds),
+            actual_partition=landing.partition_of.get(users.user_id(number)),
+        )
+        for number in range(min(show, users.count))
+    ]
+
+
+def landing_counts(
+    bounds: Sequence[HashBound], predicted: Counter[str], landing: Landing
+) -> list[LandingCount]:
+    return [
+        LandingCount(bound.partition, predicted[bound.partition], landing.counts[bound.partition])
+        for bound in bounds
+    ]
 
 
 def describe(served_by: ServedBy) -> str:
