@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import re
 import struct
@@ -40,9 +41,8 @@ import psycopg
 import sqlalchemy.exc
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import URL, Engine, String, Uuid, column, create_engine, func, select, table, text
+from sqlalchemy import URL, Connection, Engine, String, Uuid, column, create_engine, func, select, table, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from uuid6 import uuid7
 
 APPLICATION_NAME = "sharding_demo"  # shows in the servers' logs and in pg_stat_activity
 PARENT_TABLE = "tbl_users"
@@ -95,7 +95,7 @@ class DemoSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEMO_", env_file=".env", extra="ignore")
 
     read_policy: ReadPolicy = "random"  # how to pick a replica for each read
-    catchup_timeout: float = Field(default=5.0, ge=0)  # seconds to wait for each replica to replay
+    catchup_timeout: float = Field(default=5.0, ge=0)  # seconds to wait for the replicas to replay
     connect_timeout: int = Field(default=3, ge=1)  # seconds to wait for a connection (libpq's)
 
 
@@ -405,11 +405,66 @@ class User(Base):
     first_name: Mapped[str] = mapped_column(String(255))
 
 
+class UUIDv7Generator:
+    """UUIDv7 ids (RFC 9562) that carry the real time they were made, in strictly increasing order.
+
+    A UUIDv7's 128 bits are: the Unix time in milliseconds (48 bits), the version, 7 (4 bits), 12
+    bits, the variant, binary 10 (2 bits), and 62 bits. The RFC leaves the last 74 bits (all but
+    version and variant) to the implementation, and section 6.2 says how to keep ids made in the same
+    millisecond in order. This uses its method 1, as Python 3.14's uuid.uuid7() does: the first 42
+    of those bits are a counter that starts at a random value each new millisecond and counts up for
+    each further id in that millisecond; the last 32 bits are random.
+
+    Why not uuid6.uuid7(), which this demo first used: it keeps ids in order by moving the
+    timestamp 1 ms forward for each id made in the same millisecond. Five ids then carry times 1 ms
+    apart although they were made together, and a million ids made in 3 s came out up to 16 minutes
+    in the future (its issue #198). Here the timestamp only moves forward if the counter overflows,
+    after 2^41 ids in one millisecond, which Python cannot make.
+    """
+
+    def __init__(self) -> None:
+        self.last_millisecond = -1
+        self.counter = 0
+
+    def new_int(self) -> int:
+        now = time.time_ns() // 1_000_000
+        if now > self.last_millisecond:
+            self.last_millisecond = now
+            self.counter = random_bits(41)  # a 42-bit counter whose top bit starts at 0: room to count
+        else:
+            # The same millisecond (or the clock stepped back): keep the timestamp, count up.
+            self.counter += 1
+            if self.counter >= 1 << 42:
+                self.last_millisecond += 1
+                self.counter = random_bits(41)
+        return (
+            self.last_millisecond << 80
+            | 0x7 << 76  # version 7
+            | (self.counter >> 30) << 64  # the counter's top 12 bits
+            | 0b10 << 62  # the variant defined by RFC 9562
+            | (self.counter & 0x3FFF_FFFF) << 32  # the counter's low 30 bits
+            | random_bits(32)
+        )
+
+    def new_bytes(self) -> bytes:
+        return self.new_int().to_bytes(16, "big")
+
+
+def random_bits(count: int) -> int:
+    """`count` (up to 64) random bits: the top ones of 64 from os.urandom, the operating system's
+    cryptographically secure source, which RFC 9562 recommends for the random parts."""
+    return int.from_bytes(os.urandom(8)) >> (64 - count)
+
+
+# One generator for the whole process, so that every id it makes sorts after the one before.
+UUID7 = UUIDv7Generator()
+
+
 def new_user_id() -> uuid.UUID:
     # The id is made here, in Python, before the row goes anywhere, like the Go demo's BeforeCreate
-    # hook. A UUIDv7 starts with a 48-bit Unix timestamp in milliseconds, so ids sort by creation
-    # time and the time can be read back out of the id (uuid7_created_at below).
-    return uuid7()
+    # hook. Its first 48 bits are the time it was made, so ids sort by creation time and the time
+    # can be read back out of the id (uuid7_created_at below).
+    return uuid.UUID(bytes=UUID7.new_bytes())
 
 
 def uuid7_created_at(user_id: uuid.UUID) -> datetime | None:
@@ -443,7 +498,7 @@ class NewUsers:
     def make(cls, count: int) -> NewUsers:
         buffer = bytearray()
         for _ in range(count):
-            buffer += new_user_id().bytes
+            buffer += UUID7.new_bytes()
         return cls(count, bytes(buffer))
 
     def id_bytes(self, number: int) -> bytes:
@@ -544,37 +599,66 @@ class CatchUp:
 
 
 def wait_for_replicas(replicas: Sequence[Server], commit_lsn: str, timeout: float) -> list[CatchUp]:
-    """Wait for each replica to replay the commit; one that cannot be reached counts as not caught up."""
-    results = []
-    for replica in replicas:
-        try:
-            results.append(wait_for_catchup(replica, commit_lsn, timeout))
-        except sqlalchemy.exc.OperationalError as error:
-            results.append(CatchUp(replica, False, 0.0, None, reason=f"unreachable: {one_line(error)}"))
-    return results
-
-
-def wait_for_catchup(replica: Server, target_lsn: str, timeout: float) -> CatchUp:
-    """Poll until `replica` has replayed WAL up to `target_lsn`, for at most `timeout` seconds.
+    """Wait until every replica has replayed WAL up to `commit_lsn`, with one deadline for them all.
 
     Replication is asynchronous: COMMIT returns on the primary before any replica has the rows, so
-    a read sent to a replica at once may not see them. This asks the replica itself how far it has
-    replayed (pg_last_wal_replay_lsn), because the replica is where the reads will go: its own
-    replay position is what decides what they see there. (PostgreSQL's test framework,
-    Cluster::wait_for_catchup, asks the primary instead, through pg_stat_replication.)
+    a read sent to a replica at once may not see them. The replicas are asked in turn, every 10 ms,
+    how far they have replayed (pg_last_wal_replay_lsn), so they are waited on together: the whole
+    wait lasts at most `timeout`, however many replicas there are, and each one's own time is kept.
+
+    The demo asks each replica itself because the replica is where the reads will go: its own replay
+    position decides what they see there. (PostgreSQL's test framework, Cluster::wait_for_catchup,
+    looks from the other side, at the primary's pg_stat_replication.) A replica that cannot be
+    reached counts as not caught up.
     """
     started = time.monotonic()
-    lag_query = text("SELECT pg_wal_lsn_diff(CAST(:target AS pg_lsn), pg_last_wal_replay_lsn())")
-    with replica.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+    results: dict[str, CatchUp] = {}
+    connections: dict[str, Connection] = {}
+    last_lag: dict[str, int] = {}
+    try:
+        for replica in replicas:
+            try:
+                connection = replica.engine.connect()
+                connections[replica.service] = connection.execution_options(isolation_level="AUTOCOMMIT")
+            except sqlalchemy.exc.OperationalError as error:
+                results[replica.service] = unreachable(replica, error)
         while True:
-            lag_bytes = int(connection.scalar(lag_query, {"target": target_lsn}) or 0)
+            for replica in replicas:
+                if replica.service in results:
+                    continue
+                try:
+                    lag_bytes = replay_lag_bytes(connections[replica.service], commit_lsn)
+                except sqlalchemy.exc.OperationalError as error:
+                    results[replica.service] = unreachable(replica, error)
+                    continue
+                if lag_bytes <= 0:
+                    results[replica.service] = CatchUp(replica, True, time.monotonic() - started, 0)
+                last_lag[replica.service] = lag_bytes
+            waiting = [replica for replica in replicas if replica.service not in results]
             elapsed = time.monotonic() - started
-            if lag_bytes <= 0:
-                return CatchUp(replica, True, elapsed, 0)
+            if not waiting:
+                break
             if elapsed >= timeout:
-                reason = f"still {lag_bytes:,} bytes of WAL behind after {elapsed:.1f}s"
-                return CatchUp(replica, False, elapsed, lag_bytes, reason)
+                for replica in waiting:
+                    lag_bytes = last_lag[replica.service]
+                    reason = f"still {lag_bytes:,} bytes of WAL behind after {elapsed:.1f}s"
+                    results[replica.service] = CatchUp(replica, False, elapsed, lag_bytes, reason)
+                break
             time.sleep(0.01)
+    finally:
+        for connection in connections.values():
+            connection.close()
+    return [results[replica.service] for replica in replicas]
+
+
+def replay_lag_bytes(connection: Connection, target_lsn: str) -> int:
+    """How many bytes of WAL this standby has still to replay to reach `target_lsn` (0 or less: none)."""
+    lag_query = text("SELECT pg_wal_lsn_diff(CAST(:target AS pg_lsn), pg_last_wal_replay_lsn())")
+    return int(connection.scalar(lag_query, {"target": target_lsn}) or 0)
+
+
+def unreachable(replica: Server, error: sqlalchemy.exc.OperationalError) -> CatchUp:
+    return CatchUp(replica, False, 0.0, None, reason=f"unreachable: {one_line(error)}")
 
 
 # ================================================================================================
@@ -1170,7 +1254,7 @@ environment variables (also read from a .env file in the current folder; flags w
   REPLICA_TWO_HOST, REPLICA_TWO_PORT, REPLICA_TWO_USER, REPLICA_TWO_PASSWORD, REPLICA_TWO_NAME
       replica-two (defaults: localhost, 5434, postgres, postgres, postgres)
   DEMO_READ_POLICY        random | round-robin (default random)
-  DEMO_CATCHUP_TIMEOUT    seconds to wait for each replica to replay the write (default 5)
+  DEMO_CATCHUP_TIMEOUT    seconds to wait for the replicas to replay the write (default 5)
   DEMO_CONNECT_TIMEOUT    seconds to wait for a connection (default 3)
 
 exit codes:
@@ -1214,7 +1298,8 @@ def parse_flags(argv: Sequence[str] | None) -> argparse.Namespace:
         "--catchup-timeout",
         type=float,
         metavar="SECONDS",
-        help="how long to wait for each replica to replay the write (default: $DEMO_CATCHUP_TIMEOUT or 5)",
+        help="how long to wait for the replicas to replay the write, all together "
+        "(default: $DEMO_CATCHUP_TIMEOUT or 5)",
     )
     flags = parser.parse_args(argv)
     if flags.catchup_timeout is not None and flags.catchup_timeout < 0:

@@ -56,7 +56,7 @@ METHODS = ("copy-baseline", "demo", "naive-orm")
 def load_copy_baseline(
     settings: sharding_demo.DatabaseSettings,
     count: int,
-    make_id: Callable[[], uuid.UUID] = sharding_demo.uuid7,
+    make_id: Callable[[], uuid.UUID] = sharding_demo.new_user_id,
 ) -> None:
     """The fastest plain way: one psycopg connection, binary COPY, ids made row by row."""
     statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
@@ -89,7 +89,7 @@ def time_prediction(count: int, bounds: list[sharding_demo.HashBound]) -> float:
 def load_naive_orm(servers: dict[str, sharding_demo.Server], count: int) -> None:
     """What a straight port of GORM's Create does: one ORM object per row, add_all, commit."""
     users = [
-        sharding_demo.User(id=sharding_demo.uuid7(), first_name=sharding_demo.user_name(n))
+        sharding_demo.User(id=sharding_demo.new_user_id(), first_name=sharding_demo.user_name(n))
         for n in range(count)
     ]
     with sharding_demo.Session(servers["master-db"].engine) as session:
@@ -121,10 +121,8 @@ def child(method: str, count: int, environment: dict[str, str]) -> dict[str, flo
     # How long the replicas take to replay everything the load wrote, counted from its commit.
     with servers["master-db"].engine.connect() as connection:
         commit_lsn = str(connection.scalar(sharding_demo.text("SELECT pg_current_wal_lsn()")))
-    catchups = [
-        sharding_demo.wait_for_catchup(servers[name], commit_lsn, timeout=300)
-        for name in ("replica-one", "replica-two")
-    ]
+    replicas = [servers["replica-one"], servers["replica-two"]]
+    catchups = sharding_demo.wait_for_replicas(replicas, commit_lsn, timeout=300)
     result = {
         "seconds": load_seconds,
         "peak_rss_mb": peak_rss_mb,
@@ -248,7 +246,7 @@ def print_uuid_table(v7: dict[str, float], v4: dict[str, float], count: int) -> 
         f"{'':<8} {'load':>8} {'of which ids':>13} {'rows/s':>9} {'WAL written':>12}"
         f" {'PK indexes':>11} {'index pages':>12} {'spread':>8}"
     )
-    generators = {"UUIDv7": sharding_demo.uuid7, "UUIDv4": uuid.uuid4}
+    generators = {"UUIDv7": sharding_demo.new_user_id, "UUIDv4": uuid.uuid4}
     for name, result in (("UUIDv7", v7), ("UUIDv4", v4)):
         ids = generation_seconds(generators[name], count)
         print(

@@ -114,11 +114,13 @@ def test_first_user_and_its_creation_time_from_the_uuid7(
 
 
 def test_the_demo_s_own_users_carry_their_creation_time(demo_run: dict[str, Any]) -> None:
-    started = demo_run["_started"]
-    for user in demo_run["inserted"]:
-        created_at = unix_milliseconds_of(user["id"])
-        # UUIDv7 holds milliseconds; allow a little for clock granularity.
-        assert started - timedelta(seconds=1) <= created_at <= datetime.now(UTC)
+    # Truncated to the millisecond, as a UUIDv7's timestamp is.
+    started = demo_run["_started"].replace(microsecond=demo_run["_started"].microsecond // 1000 * 1000)
+    times = [unix_milliseconds_of(user["id"]) for user in demo_run["inserted"]]
+    assert all(started <= created_at <= datetime.now(UTC) for created_at in times)
+    # Made one after the other in a few milliseconds, not spread out to keep them in order.
+    assert times == sorted(times)
+    assert times[-1] - times[0] < timedelta(milliseconds=50)
 
 
 def test_server_logs_show_selects_on_replicas_and_the_insert_only_on_the_primary(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,21 @@ def test_text_report_names_a_stopped_replica_once(cluster: LocalCluster) -> None
     assert result.stderr == ""  # the text report says it; no second copy on stderr
     assert f"  {stopped.name}: unreachable: " in result.stdout
     assert result.stdout.count(f"port {stopped.port} failed") == 1
+
+
+def test_both_replicas_lagging_wait_one_deadline_together(cluster: LocalCluster) -> None:
+    for replica in cluster.replicas:
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_pause()")
+    timeout = 3.0
+    started = time.monotonic()
+    report, _ = run_json(cluster, "--catchup-timeout", str(timeout))
+    run_seconds = time.monotonic() - started
+
+    assert [entry["caught_up"] for entry in report["catchup"]] == [False, False]
+    for entry in report["catchup"]:
+        assert timeout <= entry["seconds"] < timeout + 0.5
+    # One deadline for both: the whole run (start-up, insert, wait, reads) takes less than the two
+    # timeouts that waiting for one replica after the other would take on their own.
+    assert run_seconds < 2 * timeout, run_seconds
+    assert report["warnings"][-1] == "no replica left: reads went to the primary master-db"
