@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
+import math
 import os
 import random
 import re
@@ -39,7 +41,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import psycopg
 import sqlalchemy.exc
-from pydantic import Field, SecretStr, ValidationError
+from dotenv.parser import parse_stream
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import URL, Connection, Engine, String, Uuid, column, create_engine, func, select, table, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -48,6 +51,7 @@ APPLICATION_NAME = "sharding_demo"  # shows in the servers' logs and in pg_stat_
 PARENT_TABLE = "tbl_users"
 DEMO_NAMES = ["John", "Jane", "Bob", "Alice", "Charlie"]
 ReadPolicy = Literal["random", "round-robin"]
+MAX_CATCHUP_TIMEOUT = 3600.0
 
 
 # ================================================================================================
@@ -63,13 +67,31 @@ class DatabaseSettings(BaseSettings):
     and validates it: MASTER_DB_PORT=abc is an error at start, not a crash later.
     """
 
-    host: str = "localhost"
+    host: str = Field(default="localhost", min_length=1)  # empty would silently mean a local socket
     port: int = Field(default=5432, ge=1, le=65535)
-    user: str = "postgres"
+    user: str = Field(default="postgres", min_length=1)  # empty would silently mean your OS user
     password: SecretStr = SecretStr("postgres")  # prints as '**********', so it never leaks to a log
-    name: str = "postgres"  # the database's name (MASTER_DB_NAME)
+    name: str = Field(default="postgres", min_length=1)  # the database's name (MASTER_DB_NAME)
 
     service: ClassVar[str]  # the docker-compose.yml service this server is, e.g. "master-db"
+
+    @field_validator("host", "user", "name", mode="before")
+    @classmethod
+    def strip_spaces(cls, value: object) -> object:
+        # "localhost " from a sloppy .env line is meant as "localhost" (passwords are kept as given).
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("host", "user", "name", "password", mode="before")
+    @classmethod
+    def no_nul_byte(cls, value: object) -> object:
+        # libpq's connection strings end at a NUL byte: what follows would be silently dropped.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("contains a NUL byte, which a PostgreSQL connection cannot carry")
+        return value
+
+    @property
+    def env_prefix(self) -> str:
+        return str(self.model_config.get("env_prefix", ""))
 
 
 class MasterDBSettings(DatabaseSettings):
@@ -95,8 +117,14 @@ class DemoSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEMO_", env_file=".env", extra="ignore")
 
     read_policy: ReadPolicy = "random"  # how to pick a replica for each read
-    catchup_timeout: float = Field(default=5.0, ge=0)  # seconds to wait for the replicas to replay
-    connect_timeout: int = Field(default=3, ge=1)  # seconds to wait for a connection (libpq's)
+    # Seconds to wait for the replicas to replay; a finite number, at most an hour.
+    catchup_timeout: float = Field(default=5.0, ge=0, le=MAX_CATCHUP_TIMEOUT, allow_inf_nan=False)
+    connect_timeout: int = Field(default=3, ge=1, le=600)  # seconds to wait for a connection (libpq's)
+
+    @field_validator("read_policy", mode="before")
+    @classmethod
+    def strip_spaces(cls, value: object) -> object:
+        return value.strip() if isinstance(value, str) else value
 
 
 # ================================================================================================
@@ -108,36 +136,47 @@ def run(flags: argparse.Namespace) -> Report:
     # 1. config: the three servers and the demo's own settings
     config = load_config(flags)
 
-    # 2. engines: one SQLAlchemy Engine per server
+    # 2. engines: one SQLAlchemy Engine per server; check that each server is what it should be
     primary = make_server(config.primary, config.demo.connect_timeout)
     replicas = [make_server(settings, config.demo.connect_timeout) for settings in config.replicas]
     try:
-        server_version = check_primary(primary)
+        facts = check_primary(primary)
         bounds = read_partition_bounds(primary)
 
-        # 3. routing: writes to the primary, reads to a replica
+        # 3. routing: writes to the primary, reads to the replicas that are standbys of it
         router = ReadWriteRouter(primary, replicas, config.demo.read_policy)
+        for replica, reason in check_replicas(replicas, facts.system_identifier):
+            router.leave_out(replica, reason, when="checked before the write")
 
         # 4. write: make the ids in Python, predict each one's partition, insert, commit
-        users = NewUsers.make(flags.users)
-        predicted = predict_partitions(users, bounds)
-        written = insert_users(router.for_write(), users, progress_printer(users.count))
-        standbys = replication_status(primary)
+        users = NewUsers.make(flags.users, progress_printer(flags.users, "made the ids of"))
+        predicted = predict_partitions(
+            users, bounds, progress_printer(users.count, "predicted the partitions of")
+        )
+        written = insert_users(router.for_write(), users, progress_printer(users.count, "loaded"))
 
-        # 5. wait until the replicas have replayed the commit; read from the ones that did
-        catchup = wait_for_replicas(replicas, written.commit_lsn, config.demo.catchup_timeout)
-        for result in catchup:
-            if not result.caught_up:
-                router.leave_out(result.replica, result.reason)
+        # From here on, this run's users are in the table: a failure must say so (appendix E).
+        try:
+            standbys = replication_status(primary)
 
-        # 6. read back from the replicas
-        landing, checked_by = router.read(where_users_landed(users, shown=flags.show))
-        partitions = [read_partition(router, bound, flags.show) for bound in bounds]
-        first_user = read_first_user(router)
+            # 5. wait until the replicas have replayed the commit; read from the ones that did
+            catchup = wait_for_replicas(
+                router.replicas_in_use, written.commit_lsn, config.demo.catchup_timeout
+            )
+            for result in catchup:
+                if not result.caught_up:
+                    router.leave_out(result.replica, result.reason, when="waited for")
+
+            # 6. read back from the replicas
+            landing, checked_by = router.read(where_users_landed(users, shown=flags.show))
+            partitions = [read_partition(router, bound, flags.show) for bound in bounds]
+            first_user = read_first_user(router)
+        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+            raise failure_after_commit(written, error) from None
 
         # 7. report: everything above, in one value
         return Report(
-            server_version=server_version,
+            server_version=facts.version,
             written=written,
             standbys_after_commit=standbys,
             catchup=catchup,
@@ -155,26 +194,39 @@ def run(flags: argparse.Namespace) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> int:
     flags = parse_flags(argv)
-    for warning in dotenv_dollar_warnings():
+    quiet_library_loggers()
+    for warning in settings_warnings():
         print(f"sharding_demo.py: warning: {warning}", file=sys.stderr)
     try:
         report = run(flags)
     except DemoError as error:
         print(f"sharding_demo.py: error: {error}", file=sys.stderr)
         return error.exit_code
-    except sqlalchemy.exc.OperationalError as error:
-        # The router survives a replica failing; the primary failing after the checks (say, it is
-        # stopped mid-run) ends the run. Whether this run's users were committed depends on when it
-        # failed, and this message does not say (docs/failures.md).
-        print(f"sharding_demo.py: error: lost the primary during the run: {one_line(error)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        # run() turns an interruption during or after the insert into a DemoError that says so.
+        print("sharding_demo.py: error: interrupted before the insert: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+        # The primary failed between its checks and the insert (say, it was stopped).
+        print(f"sharding_demo.py: error: {failure_before_insert(error)}", file=sys.stderr)
         return EXIT_PRIMARY_UNREACHABLE
-    if flags.json:
-        print(render_json(report))
-        # The text report shows skipped replicas itself; JSON is for programs, so say it here too.
-        for warning in report.warnings:
-            print(f"sharding_demo.py: warning: {warning}", file=sys.stderr)
-    else:
-        print(render_text(report))
+    return print_report(report, as_json=flags.json)
+
+
+def print_report(report: Report, as_json: bool) -> int:
+    try:
+        if as_json:
+            print(render_json(report), flush=True)
+            # The text report says which replicas were left out; JSON is for programs, so say it here too.
+            for warning in report.warnings:
+                print(f"sharding_demo.py: warning: {warning}", file=sys.stderr)
+        else:
+            print(render_text(report), flush=True)
+    except BrokenPipeError:
+        # The reader stopped reading (`python sharding_demo.py | head`). Point stdout at /dev/null so
+        # that Python's own flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_STDOUT_CLOSED
     return EXIT_OK
 
 
@@ -213,6 +265,12 @@ def load_settings(settings_class: type[SettingsT]) -> SettingsT:
         return settings_class()
     except ValidationError as error:
         raise DemoError(describe_invalid_setting(settings_class, error), EXIT_CONFIG) from None
+    except UnicodeDecodeError as error:
+        raise DemoError(
+            f".env is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+            "save it as UTF-8",
+            EXIT_CONFIG,
+        ) from None
 
 
 # ================================================================================================
@@ -227,6 +285,7 @@ class Server:
     service: str
     address: str
     engine: Engine
+    env_prefix: str  # of the variables that configure it, e.g. "REPLICA_ONE_"
 
 
 def make_server(settings: DatabaseSettings, connect_timeout: int) -> Server:
@@ -251,42 +310,60 @@ def make_server(settings: DatabaseSettings, connect_timeout: int) -> Server:
             "connect_timeout": connect_timeout,
         },
     )
-    return Server(service=settings.service, address=f"{settings.host}:{settings.port}", engine=engine)
+    address = f"{settings.host}:{settings.port}"
+    return Server(service=settings.service, address=address, engine=engine, env_prefix=settings.env_prefix)
 
 
-def check_primary(primary: Server) -> str:
-    """Before writing anything: is the primary reachable, and really a primary? Returns its version.
+@dataclass(frozen=True)
+class PrimaryFacts:
+    version: str
+    system_identifier: int  # made by initdb; every standby cloned from this primary has the same
+
+
+def check_primary(primary: Server) -> PrimaryFacts:
+    """Before writing anything: is the primary reachable, and really a primary?
 
     Fails with one clear line otherwise, so that nothing is written.
     """
     try:
         with primary.engine.connect() as connection:
             version = str(connection.scalar(text("SHOW server_version")))
-            in_recovery = connection.scalar(text("SELECT pg_is_in_recovery()"))
+            in_recovery, system_identifier = connection.execute(
+                text("SELECT pg_is_in_recovery(), system_identifier FROM pg_control_system()")
+            ).one()
     except sqlalchemy.exc.OperationalError as error:
         raise primary_connection_error(primary, error) from None
     if in_recovery:
         raise DemoError(
             f"{primary.service} ({primary.address}) is a standby, not the primary: "
-            "check MASTER_DB_HOST and MASTER_DB_PORT",
+            f"check {primary.env_prefix}HOST and {primary.env_prefix}PORT",
             EXIT_CONFIG,
         )
-    return version
+    return PrimaryFacts(version, int(system_identifier))
 
 
 def read_partition_bounds(primary: Server) -> list[HashBound]:
     """The partitions of tbl_users and their bounds, from the primary's system catalog.
 
-    pg_inherits links each partition to its parent; relpartbound holds the partition's bound,
-    which pg_get_expr turns back into SQL, e.g. "FOR VALUES WITH (modulus 4, remainder 2)".
+    pg_partitioned_table says how the table is partitioned; pg_inherits links each partition to its
+    parent, and pg_get_expr turns a partition's bound back into SQL, e.g. "FOR VALUES WITH (modulus
+    4, remainder 2)". The demo predicts where rows land only for the layout it knows: hash on id
+    alone, into plain tables that cover every remainder. It refuses any other, rather than guess.
     """
     with primary.engine.connect() as connection:
         if not connection.scalar(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": PARENT_TABLE}):
             raise not_initialised(primary, f"has no table {PARENT_TABLE}")
+        key = connection.scalar(
+            text(
+                "SELECT pg_get_partkeydef(partrelid) FROM pg_partitioned_table "
+                "WHERE partrelid = CAST(:parent AS regclass)"
+            ),
+            {"parent": PARENT_TABLE},
+        )
         rows = connection.execute(
             text(
                 """
-                SELECT child.relname, pg_get_expr(child.relpartbound, child.oid)
+                SELECT child.oid, child.relname, child.relkind, pg_get_expr(child.relpartbound, child.oid)
                 FROM pg_inherits
                 JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid
                 WHERE pg_inherits.inhparent = CAST(:parent AS regclass)
@@ -295,9 +372,38 @@ def read_partition_bounds(primary: Server) -> list[HashBound]:
             ),
             {"parent": PARENT_TABLE},
         ).all()
+    if key is None:
+        raise not_initialised(primary, f"has a table {PARENT_TABLE} that is not partitioned")
+    if key != "HASH (id)":
+        raise not_initialised(
+            primary, f"has {PARENT_TABLE} partitioned by {key}; the demo predicts HASH (id) only"
+        )
     if not rows:
         raise not_initialised(primary, f"has a table {PARENT_TABLE} without partitions")
-    return [HashBound.parse(str(name), str(bound)) for name, bound in rows]
+    for _, name, kind, _ in rows:
+        if kind != "r":  # 'p' would be a partition that is partitioned again
+            raise not_initialised(
+                primary, f"has {name}, a partition that is not a plain table (relkind {kind})"
+            )
+    bounds = [HashBound.parse(int(oid), str(name), str(bound)) for oid, name, _, bound in rows]
+    uncovered = uncovered_remainders(bounds)
+    if uncovered:
+        raise not_initialised(
+            primary,
+            f"has partitions of {PARENT_TABLE} that leave remainders {uncovered} of modulus "
+            f"{max(bound.modulus for bound in bounds)} without a partition: rows there would be refused",
+        )
+    return bounds
+
+
+def uncovered_remainders(bounds: Sequence[HashBound]) -> list[int]:
+    """Remainders of the greatest modulus that no partition accepts (see predict_partition)."""
+    greatest_modulus = max(bound.modulus for bound in bounds)
+    return [
+        remainder
+        for remainder in range(greatest_modulus)
+        if not any(remainder % bound.modulus == bound.remainder for bound in bounds)
+    ]
 
 
 # ================================================================================================
@@ -316,11 +422,12 @@ class ServedBy:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A replica left out of this run's reads, and why."""
+    """A replica left out of this run's reads, when, and why."""
 
     replica: str
     address: str
     reason: str
+    when: str  # "checked before the write", "waited for" or "during the reads"
 
 
 T = TypeVar("T")  # what a unit of read work returns
@@ -354,11 +461,11 @@ class ReadWriteRouter:
             return self.replicas_in_use[next(self._turn) % len(self.replicas_in_use)]
         return random.choice(self.replicas_in_use)
 
-    def leave_out(self, replica: Server, reason: str) -> None:
+    def leave_out(self, replica: Server, reason: str, when: str) -> None:
         """Stop reading from `replica` for the rest of this run, and remember why."""
         if replica in self.replicas_in_use:
             self.replicas_in_use.remove(replica)
-            self.skipped.append(Skipped(replica.service, replica.address, reason))
+            self.skipped.append(Skipped(replica.service, replica.address, reason, when))
 
     def read(self, work: Callable[[Session], T]) -> tuple[T, ServedBy]:
         """Run `work` in a read-only transaction on a replica; return its result and who served it."""
@@ -369,7 +476,7 @@ class ReadWriteRouter:
             except sqlalchemy.exc.OperationalError as error:
                 if server is self.primary:
                     raise
-                self.leave_out(server, f"failed during a read: {one_line(error)}")
+                self.leave_out(server, f"failed during a read: {one_line(error)}", when="during the reads")
 
 
 def run_read_transaction(server: Server, work: Callable[[Session], T]) -> tuple[T, ServedBy]:
@@ -385,6 +492,37 @@ def who_served(session: Session, server: Server) -> ServedBy:
     # Asked inside the same transaction as the work, so it describes the server that did it.
     in_recovery = bool(session.scalar(text("SELECT pg_is_in_recovery()")))
     return ServedBy(service=server.service, address=server.address, in_recovery=in_recovery)
+
+
+def check_replicas(replicas: Sequence[Server], primary_system_identifier: int) -> list[tuple[Server, str]]:
+    """Which replicas must not be read from, and why: a replica must be a standby (in recovery) of
+    THIS primary. A standby of another cluster would answer, with another cluster's rows, and its
+    replay position would mean nothing next to this primary's. Every standby cloned from this
+    primary shares its system identifier, which initdb made. A replica that fails the check is left
+    out of the reads, and the report names the variables to fix; the run goes on with the others.
+    """
+    problems = []
+    for replica in replicas:
+        fix = f"check {replica.env_prefix}HOST and {replica.env_prefix}PORT"
+        try:
+            with replica.engine.connect() as connection:
+                in_recovery, system_identifier = connection.execute(
+                    text("SELECT pg_is_in_recovery(), system_identifier FROM pg_control_system()")
+                ).one()
+        except sqlalchemy.exc.OperationalError as error:
+            problems.append((replica, replica_connection_problem(replica, error)))
+            continue
+        if not in_recovery:
+            problems.append((replica, f"is not a standby (pg_is_in_recovery() is false): {fix}"))
+        elif int(system_identifier) != primary_system_identifier:
+            problems.append(
+                (
+                    replica,
+                    f"is a standby of another cluster (system identifier {system_identifier}, the "
+                    f"primary's is {primary_system_identifier}): {fix}",
+                )
+            )
+    return problems
 
 
 # ================================================================================================
@@ -495,10 +633,11 @@ class NewUsers:
     id_buffer: bytes
 
     @classmethod
-    def make(cls, count: int) -> NewUsers:
+    def make(cls, count: int, progress: Callable[[int], None]) -> NewUsers:
         buffer = bytearray()
-        for _ in range(count):
+        for number in range(1, count + 1):
             buffer += UUID7.new_bytes()
+            progress(number)
         return cls(count, bytes(buffer))
 
     def id_bytes(self, number: int) -> bytes:
@@ -512,13 +651,19 @@ class NewUsers:
             yield self.user_id(number), user_name(number)
 
 
-def predict_partitions(users: NewUsers, bounds: Sequence[HashBound]) -> Counter[str]:
+def predict_partitions(
+    users: NewUsers, bounds: Sequence[HashBound], progress: Callable[[int], None]
+) -> Counter[str]:
     """How many of `users` each partition will get, computed in Python before anything is sent.
 
     predict_partition (in the appendix) does what the server does with each row: hash the id,
     take the remainder, pick the partition whose bound has that remainder.
     """
-    return Counter(predict_partition(users.id_bytes(number), bounds) for number in range(users.count))
+    counts: Counter[str] = Counter()
+    for number in range(users.count):
+        counts[predict_partition(users.id_bytes(number), bounds)] += 1
+        progress(number + 1)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -541,18 +686,37 @@ ORM_INSERT_LIMIT = 1000
 
 
 def insert_users(primary: Server, users: NewUsers, progress: Callable[[int], None]) -> Written:
-    """Insert all users in one transaction on the primary."""
+    """Insert all users in one transaction on the primary, and commit it.
+
+    Up to the COMMIT, a failure rolls the transaction back: nothing is written. After it, the users
+    are in the table. A failure *during* it leaves the outcome unknown. Each failure says which.
+    """
     method = "ORM" if users.count <= ORM_INSERT_LIMIT else "COPY"
     with Session(primary.engine) as session:
-        with session.begin():
+        try:
+            session.begin()
             if method == "ORM":
                 session.add_all(User(id=user_id, first_name=name) for user_id, name in users.rows())
                 session.flush()  # send the INSERTs now, inside the transaction
             else:
                 insert_with_copy(session, users, progress)
             written_by = who_served(session, primary)
-        # After COMMIT the commit record is in the WAL; pg_current_wal_lsn() is at or past it.
-        commit_lsn = str(session.scalar(text("SELECT pg_current_wal_lsn()")))
+        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+            # Close the connection without a ROLLBACK on it (it may be dead): the server rolls back
+            # an open transaction whose connection goes away.
+            session.invalidate()
+            raise failure_before_commit(primary, error) from None
+        try:
+            session.commit()
+        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+            session.invalidate()
+            raise failure_during_commit(primary, users.count, error) from None
+        try:
+            # After COMMIT the commit record is in the WAL; pg_current_wal_lsn() is at or past it.
+            commit_lsn = str(session.scalar(text("SELECT pg_current_wal_lsn()")))
+        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+            session.invalidate()
+            raise failure_after_commit(Written(users.count, method, written_by, "unknown"), error) from None
     return Written(users.count, method, written_by, commit_lsn)
 
 
@@ -658,7 +822,7 @@ def replay_lag_bytes(connection: Connection, target_lsn: str) -> int:
 
 
 def unreachable(replica: Server, error: sqlalchemy.exc.OperationalError) -> CatchUp:
-    return CatchUp(replica, False, 0.0, None, reason=f"unreachable: {one_line(error)}")
+    return CatchUp(replica, False, 0.0, None, reason=replica_connection_problem(replica, error))
 
 
 # ================================================================================================
@@ -670,39 +834,56 @@ def unreachable(replica: Server, error: sqlalchemy.exc.OperationalError) -> Catc
 class Landing:
     """Where the server put this run's users, as the server itself says (tableoid)."""
 
-    counts: Counter[str]  # users per partition
-    partition_of: dict[uuid.UUID, str]  # the partition of each user that the report lists
-
-
-# How many ids to send in one `= ANY(:ids)` query when checking where a large load landed.
-LANDING_CHECK_BATCH = 50_000
+    counts: Counter[int]  # this run's users per partition, by the partition's oid
+    partition_of: dict[uuid.UUID, int]  # the partition (oid) of each user that the report lists
 
 
 def where_users_landed(users: NewUsers, shown: int) -> Callable[[Session], Landing]:
     """A read that asks the server which partition holds each of this run's users.
 
-    tableoid is a system column: the OID of the table a row is physically stored in, so
-    tableoid::regclass names the partition.
+    tableoid is a system column: the OID of the table a row is physically stored in, so it names
+    the partition. This run's ids all lie between its first and its last (one generator made them,
+    in increasing order), so one short query lists every row in that range with its tableoid, in
+    id order, and the demo walks that list beside its own ids (see count_landings). It sends no
+    ids to the server, and the replica's statement log gets one line, however many users there are.
     """
-    per_partition = text(
-        f"SELECT tableoid::regclass::text, count(*) FROM {PARENT_TABLE} WHERE id = ANY(:ids) GROUP BY 1"
+    first, last = users.user_id(0), users.user_id(users.count - 1)
+    # COPY takes no query parameters; these are uuid.UUID values, which print as plain hex.
+    rows_in_range = (
+        f"COPY (SELECT id, tableoid FROM {PARENT_TABLE} WHERE id BETWEEN '{first}' AND '{last}' "
+        "ORDER BY id) TO STDOUT (FORMAT BINARY)"
     )
-    each_row = text(f"SELECT id, tableoid::regclass::text FROM {PARENT_TABLE} WHERE id = ANY(:ids)")
-    shown_ids = [users.user_id(number) for number in range(min(shown, users.count))]
 
     def work(session: Session) -> Landing:
-        counts: Counter[str] = Counter()
-        for start in range(0, users.count, LANDING_CHECK_BATCH):
-            batch = [
-                users.user_id(number)
-                for number in range(start, min(start + LANDING_CHECK_BATCH, users.count))
-            ]
-            for partition, count in session.execute(per_partition, {"ids": batch}):
-                counts[partition] += count
-        rows = session.execute(each_row, {"ids": shown_ids})
-        return Landing(counts, {user_id: partition for user_id, partition in rows})
+        # The psycopg connection under the session's, for its COPY API (as in appendix B).
+        psycopg_connection = session.connection().connection.driver_connection
+        assert isinstance(psycopg_connection, psycopg.Connection)
+        with psycopg_connection.cursor() as cursor, cursor.copy(rows_in_range) as copy:
+            copy.set_types(["uuid", "oid"])
+            return count_landings(users, shown, copy.rows())
 
     return work
+
+
+def count_landings(users: NewUsers, shown: int, server_rows: Iterator[tuple[Any, ...]]) -> Landing:
+    """Walk the server's (id, tableoid) rows and this run's ids side by side, both in id order.
+
+    A server row whose id is not one of ours (another run's, made meanwhile) is passed over; one of
+    ours that the server does not have is simply not counted, so it shows as a MISMATCH.
+    """
+    counts: Counter[int] = Counter()
+    partition_of: dict[uuid.UUID, int] = {}
+    ours = 0  # the next of this run's ids to look for
+    for server_id, partition_oid in server_rows:
+        key = server_id.bytes
+        while ours < users.count and users.id_bytes(ours) < key:
+            ours += 1
+        if ours < users.count and users.id_bytes(ours) == key:
+            counts[partition_oid] += 1
+            if ours < shown:
+                partition_of[server_id] = partition_oid
+            ours += 1
+    return Landing(counts, partition_of)
 
 
 @dataclass(frozen=True)
@@ -822,22 +1003,26 @@ def new_user_reports(
     users: NewUsers, bounds: Sequence[HashBound], landing: Landing, show: int
 ) -> list[NewUserReport]:
     """The first `show` new users, each with its predicted and its actual partition."""
-    return [
-        NewUserReport(
-            id=users.user_id(number),
-            first_name=user_name(number),
-            predicted_partition=predict_partition(users.id_bytes(number), bounds),
-            actual_partition=landing.partition_of.get(users.user_id(number)),
+    names = {bound.oid: bound.partition for bound in bounds}
+    reports = []
+    for number in range(min(show, users.count)):
+        actual_oid = landing.partition_of.get(users.user_id(number))
+        reports.append(
+            NewUserReport(
+                id=users.user_id(number),
+                first_name=user_name(number),
+                predicted_partition=predict_partition(users.id_bytes(number), bounds),
+                actual_partition=None if actual_oid is None else names.get(actual_oid, f"oid {actual_oid}"),
+            )
         )
-        for number in range(min(show, users.count))
-    ]
+    return reports
 
 
 def landing_counts(
     bounds: Sequence[HashBound], predicted: Counter[str], landing: Landing
 ) -> list[LandingCount]:
     return [
-        LandingCount(bound.partition, predicted[bound.partition], landing.counts[bound.partition])
+        LandingCount(bound.partition, predicted[bound.partition], landing.counts[bound.oid])
         for bound in bounds
     ]
 
@@ -875,6 +1060,9 @@ def render_text(report: Report) -> str:
     ] or ["  no standby is streaming"]
 
     lines += ["", "Waiting for the replicas to replay up to the commit, so that reads see the new users:"]
+    for skip in report.skipped:
+        if skip.when == "checked before the write":
+            lines.append(f"  {skip.replica} ({skip.address}): {skip.reason}: left out of the reads")
     for catchup in report.catchup:
         if catchup.caught_up:
             lines.append(f"  {catchup.replica.service}: caught up in {catchup.seconds * 1000:,.0f} ms")
@@ -916,9 +1104,8 @@ def render_text(report: Report) -> str:
             f"  its creation time is decoded from the UUIDv7 itself; read from {describe(first.served_by)}"
         )
 
-    # A replica left out by the wait is explained there; say here only what happened after it.
-    left_out_by_wait = {catchup.replica.service for catchup in report.catchup if not catchup.caught_up}
-    later = [skip for skip in report.skipped if skip.replica not in left_out_by_wait]
+    # A replica left out before or by the wait is explained there; say here what happened after it.
+    later = [skip for skip in report.skipped if skip.when == "during the reads"]
     if later or report.reads_fell_back_to_primary:
         lines += ["", "During the reads:"]
         lines += [f"  {skip.replica} ({skip.address}) left out: {skip.reason}" for skip in later]
@@ -994,18 +1181,19 @@ UINT64 = 0xFFFFFFFFFFFFFFFF
 class HashBound:
     """One hash partition and its bound: rows with row hash % modulus == remainder."""
 
+    oid: int  # the partition's identity in the catalog; a row's tableoid names it
     partition: str
     modulus: int
     remainder: int
     sql: str  # the bound as pg_get_expr writes it
 
     @classmethod
-    def parse(cls, partition: str, bound: str) -> HashBound:
+    def parse(cls, oid: int, partition: str, bound: str) -> HashBound:
         """From pg_get_expr's text, e.g. 'FOR VALUES WITH (modulus 4, remainder 0)'."""
         match = re.fullmatch(r"FOR VALUES WITH \(modulus (\d+), remainder (\d+)\)", bound)
         if match is None:
             raise DemoError(f"{partition} is not a hash partition ({bound})", EXIT_NOT_INITIALISED)
-        return cls(partition, int(match.group(1)), int(match.group(2)), bound)
+        return cls(oid, partition, int(match.group(1)), int(match.group(2)), bound)
 
 
 def predict_partition(user_id_bytes: bytes, bounds: Sequence[HashBound]) -> str:
@@ -1137,15 +1325,19 @@ def insert_with_copy(session: Session, users: NewUsers, progress: Callable[[int]
             progress(number)
 
 
-def progress_printer(total: int) -> Callable[[int], None]:
-    """Report a long load on stderr every 10%, so that stdout stays the report."""
+def progress_printer(total: int, verb: str) -> Callable[[int], None]:
+    """For a large run, say on stderr every 10% how far a step is ("loaded 300,000 of 1,000,000
+    users"), so that a long wait is visibly moving and stdout stays the report."""
     step = max(total // 10, 1)
 
     def report_progress(done: int) -> None:
-        if total >= 100_000 and (done % step == 0 or done == total):
-            print(f"sharding_demo.py: loaded {done:,} of {total:,} users", file=sys.stderr, flush=True)
+        if total >= PROGRESS_MIN_USERS and (done % step == 0 or done == total):
+            print(f"sharding_demo.py: {verb} {done:,} of {total:,} users", file=sys.stderr, flush=True)
 
     return report_progress
+
+
+PROGRESS_MIN_USERS = 100_000
 
 
 # ================================================================================================
@@ -1204,7 +1396,7 @@ def render_json(report: Report) -> str:
             **served_json(first.served_by, "read_from"),
         },
         "skipped": [
-            {"replica": skip.replica, "address": skip.address, "reason": skip.reason}
+            {"replica": skip.replica, "address": skip.address, "reason": skip.reason, "when": skip.when}
             for skip in report.skipped
         ],
         "warnings": report.warnings,
@@ -1276,7 +1468,7 @@ def parse_flags(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument(
         "--users",
-        type=positive_int,
+        type=bounded_int(1, MAX_USERS),
         default=len(DEMO_NAMES),
         metavar="N",
         help=f"how many users to insert (default {len(DEMO_NAMES)}: {', '.join(DEMO_NAMES)}); "
@@ -1284,7 +1476,7 @@ def parse_flags(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--show",
-        type=int,
+        type=bounded_int(0, MAX_SHOW),
         default=10,
         metavar="K",
         help="how many new users, and rows per partition, to print (default 10)",
@@ -1296,23 +1488,36 @@ def parse_flags(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--catchup-timeout",
-        type=float,
+        type=seconds,
         metavar="SECONDS",
         help="how long to wait for the replicas to replay the write, all together "
         "(default: $DEMO_CATCHUP_TIMEOUT or 5)",
     )
-    flags = parser.parse_args(argv)
-    if flags.catchup_timeout is not None and flags.catchup_timeout < 0:
-        parser.error("--catchup-timeout must be 0 or more")
-    if flags.show < 0:
-        parser.error("--show must be 0 or more")
-    return flags
+    return parser.parse_args(argv)
 
 
-def positive_int(text_value: str) -> int:
-    value = int(text_value)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+# Every id is kept in memory (16 bytes) and its partition predicted in pure Python (about 10 µs):
+# ten million users take 160 MB and a few minutes, and a teaching demo is not a bulk loader.
+MAX_USERS = 10_000_000
+MAX_SHOW = 10_000  # rows to print per partition: more is no longer something to read
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text_value: str) -> int:
+        value = int(text_value)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:,} to {high:,}, not {value:,}")
+        return value
+
+    return parse
+
+
+def seconds(text_value: str) -> float:
+    value = float(text_value)
+    if not (math.isfinite(value) and 0 <= value <= MAX_CATCHUP_TIMEOUT):
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 to {MAX_CATCHUP_TIMEOUT:.0f} seconds, not {text_value}"
+        )
     return value
 
 
@@ -1322,9 +1527,14 @@ def positive_int(text_value: str) -> int:
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # an environment variable or flag is not valid (argparse also uses 2)
-EXIT_PRIMARY_UNREACHABLE = 3  # no connection to the primary, or lost it during the run
+EXIT_PRIMARY_UNREACHABLE = 3  # no connection to the primary, or lost it before the commit
 EXIT_AUTHENTICATION = 4  # the primary refused the user name or password
-EXIT_NOT_INITIALISED = 5  # the primary has no tbl_users, or one without partitions
+EXIT_NOT_INITIALISED = 5  # tbl_users is missing, or not partitioned in a way the demo can predict
+EXIT_AFTER_COMMIT = 6  # a failure after this run's users were committed: they are in the table
+EXIT_INSERT_REFUSED = 7  # the primary refused or cancelled the insert: nothing was written
+EXIT_COMMIT_UNKNOWN = 8  # the connection was lost during COMMIT: the users may or may not be in
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_STDOUT_CLOSED = 141  # the reader of stdout went away, as with `| head` (128 + SIGPIPE)
 
 
 class DemoError(Exception):
@@ -1337,13 +1547,87 @@ class DemoError(Exception):
 
 def primary_connection_error(primary: Server, error: sqlalchemy.exc.OperationalError) -> DemoError:
     message = one_line(error)
-    if "authentication failed" in message or "no pg_hba.conf entry" in message:
+    if refused_login(message):
         return DemoError(
             f"{primary.service} ({primary.address}) refused the login: {message}", EXIT_AUTHENTICATION
         )
     return DemoError(
         f"cannot connect to {primary.service} ({primary.address}): {message}", EXIT_PRIMARY_UNREACHABLE
     )
+
+
+def replica_connection_problem(replica: Server, error: sqlalchemy.exc.OperationalError) -> str:
+    message = one_line(error)
+    if refused_login(message):
+        return (
+            f"refused the login: {message}: check {replica.env_prefix}USER and {replica.env_prefix}PASSWORD"
+        )
+    return f"unreachable: {message}"
+
+
+def refused_login(message: str) -> bool:
+    # libpq's words: a wrong password, a user without a pg_hba.conf rule, or no password at all.
+    return any(
+        words in message
+        for words in ("authentication failed", "no pg_hba.conf entry", "no password supplied")
+    )
+
+
+def driver_error(error: BaseException) -> BaseException:
+    """The psycopg error under SQLAlchemy's wrapper (the COPY path raises psycopg's own)."""
+    return getattr(error, "orig", None) or error
+
+
+def connection_lost(error: BaseException) -> bool:
+    """The server went away (no SQLSTATE, or class 57P: shut down, terminated) or the link did (08)."""
+    sqlstate = getattr(driver_error(error), "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith(("57P", "08"))
+
+
+def failure_before_insert(error: BaseException) -> str:
+    return f"the primary failed before the insert: {one_line(error)}; nothing was written"
+
+
+def failure_before_commit(primary: Server, error: BaseException) -> DemoError:
+    """The insert's transaction did not commit, so the server rolled it back: nothing was written."""
+    if isinstance(error, KeyboardInterrupt):
+        return DemoError("interrupted before the commit: nothing was written", EXIT_INTERRUPTED)
+    message = one_line(error)
+    if getattr(driver_error(error), "sqlstate", None) == "57014":  # query_canceled
+        return DemoError(
+            f"{primary.service} cancelled the insert (a statement_timeout, or a cancel request): "
+            f"{message}; nothing was written",
+            EXIT_INSERT_REFUSED,
+        )
+    if connection_lost(error):
+        return DemoError(
+            f"lost {primary.service} during the insert: {message}; nothing was written",
+            EXIT_PRIMARY_UNREACHABLE,
+        )
+    return DemoError(
+        f"{primary.service} refused the insert: {message}; nothing was written", EXIT_INSERT_REFUSED
+    )
+
+
+def failure_during_commit(primary: Server, users: int, error: BaseException) -> DemoError:
+    what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"lost {primary.service}"
+    return DemoError(
+        f"{what} during the COMMIT of {users:,} users: whether they were committed is unknown; count "
+        f"the rows of {PARENT_TABLE} on the primary before running again",
+        EXIT_COMMIT_UNKNOWN,
+    )
+
+
+def failure_after_commit(written: Written, error: BaseException) -> DemoError:
+    """Anything that goes wrong once the users are committed: they stay in the table. Say so, so
+    that nobody retries a run whose users are already there."""
+    committed = (
+        f"{written.users:,} users were committed on {written.written_by.service} "
+        f"(commit LSN {written.commit_lsn}) and stay in the table; do not run again to retry them"
+    )
+    if isinstance(error, KeyboardInterrupt):
+        return DemoError(f"interrupted after the commit: {committed}", EXIT_INTERRUPTED)
+    return DemoError(f"failed after the commit: {one_line(error)}; {committed}", EXIT_AFTER_COMMIT)
 
 
 def not_initialised(primary: Server, what_is_wrong: str) -> DemoError:
@@ -1399,6 +1683,51 @@ def dotenv_dollar_warnings(path: Path = Path(".env")) -> list[str]:
                 f"write the value in single quotes, without '${{' ({name}='...')"
             )
     return warnings
+
+
+def settings_warnings(path: Path = Path(".env")) -> list[str]:
+    """Things in the environment or .env that are probably mistakes, one line each."""
+    return [*dotenv_unreadable_lines(path), *dotenv_dollar_warnings(path), *unknown_demo_variables(path)]
+
+
+def dotenv_unreadable_lines(path: Path) -> list[str]:
+    """Lines of .env that python-dotenv cannot parse (it would skip them, and say so four times)."""
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8", errors="replace") as stream:
+        bad = [str(binding.original.line) for binding in parse_stream(stream) if binding.error]
+    if not bad:
+        return []
+    lines = f"lines {', '.join(bad)} were" if len(bad) > 1 else f"line {bad[0]} was"
+    return [f".env {lines} not NAME=value, and ignored"]
+
+
+def unknown_demo_variables(path: Path) -> list[str]:
+    """DEMO_* names this demo does not know, such as DEMO_USER=100 for --users: ignored, so say so."""
+    known = {"DEMO_" + name.upper() for name in DemoSettings.model_fields}
+    names = {name.upper() for name in os.environ if name.upper().startswith("DEMO_")}
+    if path.is_file():
+        names |= {
+            match.group(1).upper()
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (match := DOTENV_LINE.match(line)) and match.group(1).upper().startswith("DEMO_")
+        }
+    return [
+        f"{name} is not a setting of this demo, and is ignored (it has {', '.join(sorted(known))})"
+        for name in sorted(names - known)
+    ]
+
+
+def quiet_library_loggers() -> None:
+    """Keep two libraries' log lines off the terminal: this demo says what happened in its own words.
+
+    psycopg logs "error ignored terminating <psycopg.Copy ...>" when a COPY ends with the connection
+    already lost; python-dotenv logs each .env line it cannot parse, once per settings class.
+    Without a handler of their own, Python prints such warnings on stderr.
+    """
+    for name in ("psycopg", "dotenv"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+        logging.getLogger(name).propagate = False
 
 
 if __name__ == "__main__":

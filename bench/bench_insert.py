@@ -75,14 +75,14 @@ def load_copy_baseline(
 
 def load_demo(servers: dict[str, sharding_demo.Server], count: int) -> None:
     """sharding_demo's insert path: make the ids, then insert_users() (COPY for large N)."""
-    users = sharding_demo.NewUsers.make(count)
+    users = sharding_demo.NewUsers.make(count, progress=lambda done: None)
     sharding_demo.insert_users(servers["master-db"], users, progress=lambda done: None)
 
 
 def time_prediction(count: int, bounds: list[sharding_demo.HashBound]) -> float:
-    users = sharding_demo.NewUsers.make(count)
+    users = sharding_demo.NewUsers.make(count, progress=lambda done: None)
     started = time.perf_counter()
-    sharding_demo.predict_partitions(users, bounds)
+    sharding_demo.predict_partitions(users, bounds, progress=lambda done: None)
     return time.perf_counter() - started
 
 

@@ -49,14 +49,16 @@ def cluster() -> Iterator[LocalCluster]:
         yield running
 
 
-def connect(node: PostgresNode, **options: object) -> psycopg.Connection[tuple[object, ...]]:
+def connect(
+    node: PostgresNode, dbname: str = "postgres", **options: object
+) -> psycopg.Connection[tuple[object, ...]]:
     """A client connection over TCP with a password, as the demo makes."""
     return psycopg.connect(
         host="127.0.0.1",
         port=node.port,
         user="postgres",
         password=node.cluster.superuser_password,
-        dbname="postgres",
+        dbname=dbname,
         autocommit=True,
         **options,  # type: ignore[arg-type]
     )

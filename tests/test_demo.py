@@ -215,8 +215,12 @@ def test_progress_goes_to_stderr_for_large_loads(cluster: LocalCluster) -> None:
     result = run_demo(cluster, "--json", "--users", "100000", "--show", "0")
     assert result.returncode == 0, result.stderr
     progress = result.stderr.splitlines()
-    assert progress[-1] == "sharding_demo.py: loaded 100,000 of 100,000 users"
-    assert len(progress) == 10
+    # Each long step says how far it is, every 10%: making the ids, predicting, loading.
+    for verb in ("made the ids of", "predicted the partitions of", "loaded"):
+        lines = [line for line in progress if line.startswith(f"sharding_demo.py: {verb} ")]
+        assert len(lines) == 10, progress
+        assert lines[-1] == f"sharding_demo.py: {verb} 100,000 of 100,000 users"
+    assert len(progress) == 30
     report = json.loads(result.stdout)
     assert report["inserted"] == [] and all(p["rows"] == [] for p in report["partitions"])
     assert sum(p["actual"] for p in report["partitions"]) == 100_000

@@ -119,13 +119,13 @@ def mixed_moduli_table(cluster: LocalCluster) -> str:
 def catalog_bounds(connection: psycopg.Connection, parent: str) -> list[HashBound]:
     rows = connection.execute(
         """
-        SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
+        SELECT c.oid, c.relname, pg_get_expr(c.relpartbound, c.oid)
         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
         WHERE i.inhparent = %s::regclass
         """,
         [parent],
     ).fetchall()
-    return [HashBound.parse(str(name), str(bound)) for name, bound in rows]
+    return [HashBound.parse(int(oid), str(name), str(bound)) for oid, name, bound in rows]
 
 
 @pytest.mark.parametrize("parent", ["tbl_users", "hash_mixed"])

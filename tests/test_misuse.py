@@ -1,0 +1,396 @@
+"""Faults and bad input, each one: a true message in one line, a documented exit code, no traceback,
+and the rows on all three servers as the message says (written, or not).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO, clean_environment, connect, free_port_base, run_demo, wait_until
+from local_cluster import LocalCluster, PostgresNode
+
+
+def count_on(node: PostgresNode, database: str = "postgres") -> int:
+    with connect(node, dbname=database) as connection:
+        return int(connection.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]
+
+
+def counts_everywhere(cluster: LocalCluster) -> list[int]:
+    """tbl_users' rows on the primary and on each replica, once the replicas have caught up."""
+    primary = count_on(cluster.primary)
+    for replica in cluster.replicas:
+        assert wait_until(lambda replica=replica: count_on(replica) == primary, timeout=30), replica.name
+    return [primary] * len(cluster.nodes)
+
+
+def the_error(stderr: str) -> str:
+    """The one line of an expected failure: no traceback, no second line."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("sharding_demo.py: error: "), stderr
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
+    yield cluster
+    for node in cluster.nodes:
+        if not node.running:
+            node.start()
+    for replica in cluster.replicas:
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_resume()")
+    cluster.wait_for_streaming()
+
+
+def start_demo(
+    cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(DEMO), *arguments],
+        env=clean_environment() | cluster.demo_environment() | (env or {}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_the_demo_s_copy(cluster: LocalCluster) -> int:
+    """The process id of the demo's backend on the primary, once it is running its COPY."""
+    found: list[int] = []
+
+    def copying() -> bool:
+        with connect(cluster.primary) as primary:
+            row = primary.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'sharding_demo' "
+                "AND query LIKE 'COPY tbl_users%' AND state = 'active'"
+            ).fetchone()
+        if row:
+            found.append(int(row[0]))
+        return bool(row)
+
+    assert wait_until(copying, timeout=90, interval=0.02), "the demo's COPY never started"
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Before the commit, nothing is written; after it, the message says what was
+# ------------------------------------------------------------------------------------------------
+
+
+def test_primary_lost_after_the_commit_says_what_was_committed(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    for replica in cluster.replicas:  # so that the demo is still waiting when the primary goes
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_pause()")
+    demo = start_demo(cluster, "--catchup-timeout", "5")
+    assert wait_until(lambda: count_on(cluster.primary) == before + 5, timeout=60)
+    cluster.primary.stop()
+    _, stderr = demo.communicate(timeout=120)
+
+    assert demo.returncode == 6, stderr
+    line = the_error(stderr)
+    assert "5 users were committed on master-db (commit LSN " in line
+    assert "do not run again" in line
+    cluster.primary.start()
+    for replica in cluster.replicas:
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_resume()")
+    assert counts_everywhere(cluster) == [before + 5] * 3
+
+
+def test_primary_lost_during_the_copy_wrote_nothing(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    demo = start_demo(cluster, "--users", "300000")
+    backend = wait_for_the_demo_s_copy(cluster)
+    with connect(cluster.primary) as primary:
+        primary.execute("SELECT pg_terminate_backend(%s)", [backend])
+    _, stderr = demo.communicate(timeout=120)
+
+    assert demo.returncode == 3, stderr
+    progress = [line for line in stderr.splitlines() if not line.startswith("sharding_demo.py: error: ")]
+    assert all(" of 300,000 users" in line for line in progress), stderr  # and psycopg says nothing
+    line = the_error("\n".join(line for line in stderr.splitlines() if line not in progress))
+    assert line.startswith("sharding_demo.py: error: lost master-db during the insert: ")
+    assert line.endswith("nothing was written")
+    assert counts_everywhere(cluster) == [before] * 3
+
+
+def test_ctrl_c_during_the_copy_says_nothing_was_written(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    demo = start_demo(cluster, "--users", "300000")
+    wait_for_the_demo_s_copy(cluster)
+    demo.send_signal(signal.SIGINT)
+    _, stderr = demo.communicate(timeout=120)
+
+    assert demo.returncode == 130, stderr
+    assert (
+        stderr.splitlines()[-1]
+        == "sharding_demo.py: error: interrupted before the commit: nothing was written"
+    )
+    assert "Traceback" not in stderr
+    assert counts_everywhere(cluster) == [before] * 3
+
+
+def test_statement_timeout_cancels_the_copy_and_writes_nothing(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    # libpq passes PGOPTIONS to the server: every statement of the demo's may take 200 ms at most.
+    result = run_demo(cluster, "--users", "200000", env={"PGOPTIONS": "-c statement_timeout=200"})
+    assert result.returncode == 7, result.stderr
+    line = the_error(
+        "\n".join(line for line in result.stderr.splitlines() if " of 200,000 users" not in line)
+    )
+    assert "master-db cancelled the insert (a statement_timeout, or a cancel request)" in line
+    assert line.endswith("nothing was written")
+    assert counts_everywhere(cluster) == [before] * 3
+
+
+def test_a_not_null_column_the_demo_does_not_fill_refuses_the_insert(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    with connect(cluster.primary) as primary:
+        primary.execute("ALTER TABLE tbl_users ADD COLUMN email text NOT NULL DEFAULT ''")
+        primary.execute("ALTER TABLE tbl_users ALTER COLUMN email DROP DEFAULT")
+    try:
+        result = run_demo(cluster)
+    finally:
+        with connect(cluster.primary) as primary:
+            primary.execute("ALTER TABLE tbl_users DROP COLUMN email")
+    assert result.returncode == 7, result.stderr
+    line = the_error(result.stderr)
+    assert 'master-db refused the insert: null value in column "email"' in line
+    assert line.endswith("nothing was written")
+    assert counts_everywhere(cluster) == [before] * 3
+
+
+def test_stdout_closed_early_is_quiet(cluster: LocalCluster) -> None:
+    demo = start_demo(cluster)
+    assert demo.stdout is not None
+    demo.stdout.close()  # as `| head -0` would: nobody reads the report
+    demo.wait(timeout=120)
+    assert demo.stderr is not None
+    assert demo.returncode == 141
+    assert demo.stderr.read() == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. A replica must be a standby of this primary
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_replica_setting_that_points_at_the_primary_is_left_out(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, "--json", env={"REPLICA_ONE_PORT": str(cluster.primary.port)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["skipped"] == [
+        {
+            "replica": "replica-one",
+            "address": f"127.0.0.1:{cluster.primary.port}",
+            "reason": "is not a standby (pg_is_in_recovery() is false): "
+            "check REPLICA_ONE_HOST and REPLICA_ONE_PORT",
+            "when": "checked before the write",
+        }
+    ]
+    reads = [*report["partitions"], report["first_user"], report["landing_checked_by"]]
+    assert {read["read_from"] for read in reads} == {"replica-two"}
+    assert "no replica left" not in result.stderr  # replica-two served every read
+
+
+def test_a_standby_of_another_cluster_is_left_out(cluster: LocalCluster) -> None:
+    with LocalCluster(port_base=free_port_base()) as other:
+        stranger = other.replicas[0]
+        result = run_demo(cluster, "--json", env={"REPLICA_ONE_PORT": str(stranger.port)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    [skip] = report["skipped"]
+    assert skip["replica"] == "replica-one"
+    assert skip["reason"].startswith("is a standby of another cluster (system identifier ")
+    assert skip["reason"].endswith("check REPLICA_ONE_HOST and REPLICA_ONE_PORT")
+    partitions = report["partitions"]
+    assert [p["predicted"] for p in partitions] == [p["actual"] for p in partitions]
+    assert {p["read_from"] for p in partitions} == {"replica-two"}
+
+
+def test_a_replica_that_refuses_the_login_is_named_as_such(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, "--json", env={"REPLICA_TWO_PASSWORD": "wrong"})
+    assert result.returncode == 0, result.stderr
+    [skip] = json.loads(result.stdout)["skipped"]
+    assert skip["reason"].startswith("refused the login: ")
+    assert skip["reason"].endswith("check REPLICA_TWO_USER and REPLICA_TWO_PASSWORD")
+
+
+# ------------------------------------------------------------------------------------------------
+# 4, 5. Tables the demo cannot predict are refused; a quoted partition name is fine
+# ------------------------------------------------------------------------------------------------
+
+
+HASH_PARENT = "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)"
+
+
+def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[str, str]:
+    """A fresh database on the primary (the replicas get it too) and the settings to use it."""
+    with connect(cluster.primary) as primary:
+        primary.execute(f"DROP DATABASE IF EXISTS {name}")
+        primary.execute(f"CREATE DATABASE {name}")
+    with connect(cluster.primary, dbname=name) as database:
+        for statement in statements:
+            database.execute(statement)
+    return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
+
+
+@pytest.mark.parametrize(
+    ("statements", "message"),
+    [
+        (
+            ["CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255) NOT NULL)"],
+            "has a table tbl_users that is not partitioned",
+        ),
+        (
+            ["CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)"],
+            "has a table tbl_users without partitions",
+        ),
+        (
+            [
+                "CREATE TABLE tbl_users (id uuid, first_name varchar(255), PRIMARY KEY (id, first_name))"
+                " PARTITION BY HASH (first_name)",
+                "CREATE TABLE p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 1, REMAINDER 0)",
+            ],
+            "has tbl_users partitioned by HASH (first_name); the demo predicts HASH (id) only",
+        ),
+        (
+            [
+                HASH_PARENT,
+                "CREATE TABLE p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 0)"
+                " PARTITION BY HASH (id)",
+                "CREATE TABLE p0a PARTITION OF p0 FOR VALUES WITH (MODULUS 1, REMAINDER 0)",
+                "CREATE TABLE p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
+            ],
+            "has p0, a partition that is not a plain table (relkind p)",
+        ),
+        (
+            [
+                HASH_PARENT,
+                "CREATE TABLE p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 0)",
+                "CREATE TABLE p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 1)",
+                "CREATE TABLE p2 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 2)",
+            ],
+            "leave remainders [3] of modulus 4 without a partition",
+        ),
+    ],
+    ids=["not-partitioned", "no-partitions", "key-first_name", "sub-partitioned", "remainder-gap"],
+)
+def test_a_layout_the_demo_cannot_predict_is_refused_before_writing(
+    cluster: LocalCluster, statements: list[str], message: str
+) -> None:
+    settings = database_with(cluster, "layout_test", *statements)
+    result = run_demo(cluster, env=settings)
+    assert result.returncode == 5, result.stderr
+    assert message in the_error(result.stderr)
+    assert count_on(cluster.primary, "layout_test") == 0
+
+
+def test_partition_names_that_need_quoting_are_read_back_right(cluster: LocalCluster) -> None:
+    settings = database_with(
+        cluster,
+        "quoted_names",
+        HASH_PARENT,
+        *(
+            f'CREATE TABLE "Users P{n}" PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER {n})'
+            for n in range(2)
+        ),
+    )
+    result = run_demo(cluster, "--json", "--users", "40", env=settings)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [p["name"] for p in report["partitions"]] == ["Users P0", "Users P1"]
+    assert [p["predicted"] for p in report["partitions"]] == [p["actual"] for p in report["partitions"]]
+    assert sum(p["actual"] for p in report["partitions"]) == 40
+    assert all(u["predicted_partition"] == u["actual_partition"] for u in report["inserted"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 6, 7. Settings and sizes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_empty_password_is_a_refused_login(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, env={"MASTER_DB_PASSWORD": ""})
+    assert result.returncode == 4, result.stderr
+    assert "refused the login" in the_error(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment", "fragment"),
+    [
+        (["--catchup-timeout", "nan"], {}, "--catchup-timeout: must be from 0 to 3600 seconds, not nan"),
+        (["--catchup-timeout", "inf"], {}, "--catchup-timeout: must be from 0 to 3600 seconds, not inf"),
+        (["--catchup-timeout", "1e308"], {}, "--catchup-timeout: must be from 0 to 3600 seconds, not 1e308"),
+        (["--show", "99999999999999999999"], {}, "--show: must be from 0 to 10,000"),
+        (["--users", "100000000"], {}, "--users: must be from 1 to 10,000,000"),
+        ([], {"DEMO_CATCHUP_TIMEOUT": "inf"}, "invalid setting DEMO_CATCHUP_TIMEOUT=inf"),
+        (
+            [],
+            {"MASTER_DB_HOST": ""},
+            "invalid setting MASTER_DB_HOST=: String should have at least 1 character",
+        ),
+        (
+            [],
+            {"MASTER_DB_USER": " "},
+            "invalid setting MASTER_DB_USER=: String should have at least 1 char",
+        ),
+    ],
+)
+def test_invalid_values_are_one_line(
+    arguments: list[str], environment: dict[str, str], fragment: str
+) -> None:
+    result = run_demo(None, *arguments, env=environment)
+    assert result.returncode == 2
+    assert fragment in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dotenv_problems_are_one_line_each(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(
+        b"MASTER_DB_PORT=1\nthis is not a setting\nDEMO_USER=100\nMASTER_DB_PASSWORD=a\x00b\n"
+    )
+    result = run_demo(None, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "sharding_demo.py: warning: .env line 2 was not NAME=value, and ignored",
+        "sharding_demo.py: warning: DEMO_USER is not a setting of this demo, and is ignored "
+        "(it has DEMO_CATCHUP_TIMEOUT, DEMO_CONNECT_TIMEOUT, DEMO_READ_POLICY)",
+        "sharding_demo.py: error: invalid setting MASTER_DB_PASSWORD: Value error, contains a NUL byte, "
+        "which a PostgreSQL connection cannot carry",
+    ]
+
+    (tmp_path / ".env").write_bytes(b"MASTER_DB_PASSWORD=\xff\xfe\n")
+    result = run_demo(None, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "sharding_demo.py: error: .env is not UTF-8 text (byte 0xff at offset 19): save it as UTF-8"
+    ]
+
+
+def test_spaces_around_host_and_user_are_ignored(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, env={"MASTER_DB_HOST": " 127.0.0.1 ", "MASTER_DB_USER": "postgres "})
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_large_run_keeps_the_replica_s_statement_log_short(cluster: LocalCluster) -> None:
+    log_sizes = {node.name: node.log_file.stat().st_size for node in cluster.nodes}
+    result = run_demo(cluster, "--json", "--users", "200000", "--show", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert sum(p["actual"] for p in report["partitions"]) == 200_000
+    for node in cluster.nodes:
+        written = node.log_file.read_bytes()[log_sizes[node.name] :]
+        longest = max(len(line) for line in written.splitlines())
+        assert longest < 2000, (node.name, longest)
+    # The progress starts with the first step, making the ids.
+    assert result.stderr.splitlines()[0] == "sharding_demo.py: made the ids of 20,000 of 200,000 users"
