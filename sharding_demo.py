@@ -373,22 +373,20 @@ def read_partition_bounds(primary: Server) -> list[HashBound]:
             {"parent": PARENT_TABLE},
         ).all()
     if key is None:
-        raise not_initialised(primary, f"has a table {PARENT_TABLE} that is not partitioned")
+        raise unpredictable_layout(primary, f"has a table {PARENT_TABLE} that is not partitioned")
     if key != "HASH (id)":
-        raise not_initialised(
-            primary, f"has {PARENT_TABLE} partitioned by {key}; the demo predicts HASH (id) only"
-        )
+        raise unpredictable_layout(primary, f"has {PARENT_TABLE} partitioned by {key}")
     if not rows:
-        raise not_initialised(primary, f"has a table {PARENT_TABLE} without partitions")
+        raise unpredictable_layout(primary, f"has a table {PARENT_TABLE} without partitions")
     for _, name, kind, _ in rows:
         if kind != "r":  # 'p' would be a partition that is partitioned again
-            raise not_initialised(
+            raise unpredictable_layout(
                 primary, f"has {name}, a partition that is not a plain table (relkind {kind})"
             )
     bounds = [HashBound.parse(int(oid), str(name), str(bound)) for oid, name, _, bound in rows]
     uncovered = uncovered_remainders(bounds)
     if uncovered:
-        raise not_initialised(
+        raise unpredictable_layout(
             primary,
             f"has partitions of {PARENT_TABLE} that leave remainders {uncovered} of modulus "
             f"{max(bound.modulus for bound in bounds)} without a partition: rows there would be refused",
@@ -1450,9 +1448,14 @@ environment variables (also read from a .env file in the current folder; flags w
   DEMO_CONNECT_TIMEOUT    seconds to wait for a connection (default 3)
 
 exit codes:
-  0 success (also when a replica was skipped: the report says so)
-  2 invalid setting or flag       3 cannot connect to (or lost) the primary
-  4 the primary refused the login 5 tbl_users missing: the cluster is not initialised
+  0   success (also when a replica was left out: the report says which, and why)
+  2   an invalid setting or flag            3   cannot reach (or lost) the primary before the commit
+  4   the primary refused the login          5   tbl_users missing, or partitioned in a way not predictable
+  6   failed after the commit: the users are in the table (the message says how many, and the LSN)
+  7   the primary refused or cancelled the insert: nothing was written
+  8   lost the primary during the COMMIT: whether the users were written is unknown
+  130 interrupted (Ctrl-C; the message says whether anything was committed)
+  141 stdout was closed before the report was printed (as with `| head`)
 """
 
 
@@ -1634,6 +1637,15 @@ def not_initialised(primary: Server, what_is_wrong: str) -> DemoError:
     return DemoError(
         f"{primary.service} ({primary.address}) {what_is_wrong}: the cluster is not initialised "
         "(start it with `docker compose up -d --wait` or `python local_cluster.py`)",
+        EXIT_NOT_INITIALISED,
+    )
+
+
+def unpredictable_layout(primary: Server, what_is_wrong: str) -> DemoError:
+    return DemoError(
+        f"{primary.service} ({primary.address}) {what_is_wrong}; the demo predicts where rows land only "
+        f"in {PARENT_TABLE} PARTITION BY HASH (id), split into plain tables that cover every remainder, "
+        "as init-master.sql makes it",
         EXIT_NOT_INITIALISED,
     )
 
