@@ -394,3 +394,30 @@ def test_a_large_run_keeps_the_replica_s_statement_log_short(cluster: LocalClust
         assert longest < 2000, (node.name, longest)
     # The progress starts with the first step, making the ids.
     assert result.stderr.splitlines()[0] == "sharding_demo.py: made the ids of 20,000 of 200,000 users"
+
+
+def test_a_cancelled_orm_insert_is_named_as_such_not_as_a_lost_primary(cluster: LocalCluster) -> None:
+    # A trigger that makes each INSERT take a second, and a statement_timeout shorter than that:
+    # the five users' ORM INSERT is cancelled by the server, which is still up.
+    settings = database_with(
+        cluster,
+        "slow_inserts",
+        HASH_PARENT,
+        *(
+            f"CREATE TABLE tbl_users_p{n} PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER {n})"
+            for n in range(2)
+        ),
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
+        "CREATE TRIGGER slow BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION slow()",
+    )
+    result = run_demo(cluster, env=settings | {"PGOPTIONS": "-c statement_timeout=300"})
+    assert result.returncode == 7, result.stderr
+    line = the_error(result.stderr)
+    assert "master-db cancelled the insert" in line and line.endswith("nothing was written")
+    assert count_on(cluster.primary, "slow_inserts") == 0
+
+
+def test_spaces_around_the_read_policy_are_ignored(cluster: LocalCluster) -> None:
+    result = run_demo(cluster, "--json", env={"DEMO_READ_POLICY": " round-robin "})
+    assert result.returncode == 0, result.stderr
