@@ -655,12 +655,21 @@ def predict_partitions(
     """How many of `users` each partition will get, computed in Python before anything is sent.
 
     predict_partition (in the appendix) does what the server does with each row: hash the id,
-    take the remainder, pick the partition whose bound has that remainder.
+    take the remainder, pick the partition whose bound has that remainder. For many ids this uses
+    the same hash written out for 16-byte keys (uuid_row_hashes, appendix A), which gives the same
+    answers about four times faster.
     """
+    greatest_modulus = max(bound.modulus for bound in bounds)
+    partition_of_remainder = [
+        predict_partition_of_remainder(remainder, bounds) for remainder in range(greatest_modulus)
+    ]
+    per_remainder = [0] * greatest_modulus
+    for number, row_hash in enumerate(uuid_row_hashes(users.id_buffer), start=1):
+        per_remainder[row_hash % greatest_modulus] += 1
+        progress(number)
     counts: Counter[str] = Counter()
-    for number in range(users.count):
-        counts[predict_partition(users.id_bytes(number), bounds)] += 1
-        progress(number + 1)
+    for remainder, count in enumerate(per_remainder):
+        counts[partition_of_remainder[remainder]] += count
     return counts
 
 
@@ -851,13 +860,14 @@ def where_users_landed(users: NewUsers, shown: int) -> Callable[[Session], Landi
         f"COPY (SELECT id, tableoid FROM {PARENT_TABLE} WHERE id BETWEEN '{first}' AND '{last}' "
         "ORDER BY id) TO STDOUT (FORMAT BINARY)"
     )
+    # As in insert_with_copy: read each id as its 16 raw bytes ("bytea"), not as a uuid.UUID.
 
     def work(session: Session) -> Landing:
         # The psycopg connection under the session's, for its COPY API (as in appendix B).
         psycopg_connection = session.connection().connection.driver_connection
         assert isinstance(psycopg_connection, psycopg.Connection)
         with psycopg_connection.cursor() as cursor, cursor.copy(rows_in_range) as copy:
-            copy.set_types(["uuid", "oid"])
+            copy.set_types(["bytea", "oid"])
             return count_landings(users, shown, copy.rows())
 
     return work
@@ -871,16 +881,18 @@ def count_landings(users: NewUsers, shown: int, server_rows: Iterator[tuple[Any,
     """
     counts: Counter[int] = Counter()
     partition_of: dict[uuid.UUID, int] = {}
-    ours = 0  # the next of this run's ids to look for
+    ours = 0  # the number of the next of this run's ids to look for
+    wanted = users.id_bytes(0)  # that id (b"" once all have been found or passed)
     for server_id, partition_oid in server_rows:
-        key = server_id.bytes
-        while ours < users.count and users.id_bytes(ours) < key:
+        while wanted and wanted < server_id:  # one of ours that the server does not have
             ours += 1
-        if ours < users.count and users.id_bytes(ours) == key:
+            wanted = users.id_bytes(ours)
+        if wanted == server_id:
             counts[partition_oid] += 1
             if ours < shown:
-                partition_of[server_id] = partition_oid
+                partition_of[uuid.UUID(bytes=wanted)] = partition_oid
             ours += 1
+            wanted = users.id_bytes(ours)
     return Landing(counts, partition_of)
 
 
@@ -1202,10 +1214,15 @@ def predict_partition(user_id_bytes: bytes, bounds: Sequence[HashBound]) -> str:
     remainder.
     """
     greatest_modulus = max(bound.modulus for bound in bounds)
-    remainder = partition_row_hash(user_id_bytes) % greatest_modulus
+    return predict_partition_of_remainder(partition_row_hash(user_id_bytes) % greatest_modulus, bounds)
+
+
+def predict_partition_of_remainder(remainder: int, bounds: Sequence[HashBound]) -> str:
+    """The partition that accepts a row hash with this remainder of the greatest modulus."""
     for bound in bounds:
         if remainder % bound.modulus == bound.remainder:
             return bound.partition
+    greatest_modulus = max(bound.modulus for bound in bounds)
     raise DemoError(
         f"no partition of {PARENT_TABLE} accepts hash remainder {remainder} (modulus {greatest_modulus})",
         EXIT_NOT_INITIALISED,
@@ -1304,6 +1321,47 @@ def lookup3_final(a: int, b: int, c: int) -> tuple[int, int, int]:
     return a, b, c
 
 
+# The same hash, written out for what this demo hashes: keys of exactly 16 bytes (a uuid), with
+# HASH_PARTITION_SEED. hash_bytes_extended above is the reference and the lesson; this is the
+# shortcut for a million ids. For 16 bytes, lookup3 mixes the seed (the same every time, so done
+# once here), then one 12-byte block, then adds the last 4 bytes to `a` before its final mixing;
+# the mixing is written inline, because a Python function call costs more than the arithmetic.
+# Measured here: about 4-5 µs per id, against 9-11 µs for hash_bytes_extended and 15 µs for
+# predict_partition: a million ids are predicted in 5 s instead of 15 s. tests/test_partition_hash.py
+# checks it against the reference port and against the server.
+
+
+def uuid_row_hashes(id_buffer: bytes) -> Iterator[int]:
+    """partition_row_hash() of each 16-byte id in `id_buffer`, in order."""
+    m = UINT32
+    a0 = b0 = c0 = (0x9E3779B9 + 16 + 3923095) & m
+    a0, b0, c0 = lookup3_mix((a0 + (HASH_PARTITION_SEED >> 32)) & m, (b0 + (HASH_PARTITION_SEED & m)) & m, c0)
+    for w0, w1, w2, w3 in struct.iter_unpack("<4I", id_buffer):
+        a, b, c = (a0 + w0) & m, (b0 + w1) & m, (c0 + w2) & m
+        a = (a - c) & m ^ ((c << 4 | c >> 28) & m)
+        c = (c + b) & m
+        b = (b - a) & m ^ ((a << 6 | a >> 26) & m)
+        a = (a + c) & m
+        c = (c - b) & m ^ ((b << 8 | b >> 24) & m)
+        b = (b + a) & m
+        a = (a - c) & m ^ ((c << 16 | c >> 16) & m)
+        c = (c + b) & m
+        b = (b - a) & m ^ ((a << 19 | a >> 13) & m)
+        a = (a + c) & m
+        c = (c - b) & m ^ ((b << 4 | b >> 28) & m)
+        b = (b + a) & m
+        a = (a + w3) & m  # the last 4 bytes of the key
+        c = ((c ^ b) - ((b << 14 | b >> 18) & m)) & m
+        a = ((a ^ c) - ((c << 11 | c >> 21) & m)) & m
+        b = ((b ^ a) - ((a << 25 | a >> 7) & m)) & m
+        c = ((c ^ b) - ((b << 16 | b >> 16) & m)) & m
+        a = ((a ^ c) - ((c << 4 | c >> 28) & m)) & m
+        b = ((b ^ a) - ((a << 14 | a >> 18) & m)) & m
+        c = ((c ^ b) - ((b << 24 | b >> 8) & m)) & m
+        # hash_combine64(0, column hash): with a = 0 it only adds the constant.
+        yield (((b << 32) | c) + HASH_COMBINE64_CONSTANT) & UINT64
+
+
 # ================================================================================================
 # Appendix B. The COPY bulk path, for --users above ORM_INSERT_LIMIT
 # ================================================================================================
@@ -1317,10 +1375,14 @@ def insert_with_copy(session: Session, users: NewUsers, progress: Callable[[int]
     assert isinstance(psycopg_connection, psycopg.Connection)
     copy_statement = f"COPY {PARENT_TABLE} (id, first_name) FROM STDIN (FORMAT BINARY)"
     with psycopg_connection.cursor() as cursor, cursor.copy(copy_statement) as copy:
-        copy.set_types(["uuid", "varchar"])
-        for number, row in enumerate(users.rows(), start=1):
-            copy.write_row(row)
-            progress(number)
+        # Binary COPY sends each field as its length and its bytes, and the server decodes them
+        # with the column's own type. A uuid's binary form is its 16 bytes, so the ids go as the
+        # raw bytes they are kept in ("bytea" only tells psycopg to send bytes as they are); making
+        # a uuid.UUID object of each first would cost about a second per million rows.
+        copy.set_types(["bytea", "varchar"])
+        for number in range(users.count):
+            copy.write_row((users.id_bytes(number), user_name(number)))
+            progress(number + 1)
 
 
 def progress_printer(total: int, verb: str) -> Callable[[int], None]:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 import sharding_demo  # noqa: E402
 from local_cluster import LocalCluster, port_is_free  # noqa: E402
 
-METHODS = ("copy-baseline", "demo", "naive-orm")
+METHODS = ("server-ceiling", "copy-baseline", "demo", "naive-orm")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,6 +71,37 @@ def load_copy_baseline(
         copy.set_types(["uuid", "varchar"])
         for number in range(count):
             copy.write_row((make_id(), sharding_demo.user_name(number)))
+
+
+def load_prepared_rows(settings: sharding_demo.DatabaseSettings, rows: list[tuple[bytes, str]]) -> None:
+    """The server's own pace: binary COPY of rows made before the clock started."""
+    statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
+    connection = psycopg.connect(
+        host=settings.host,
+        port=settings.port,
+        user=settings.user,
+        password=settings.password.get_secret_value(),
+        dbname=settings.name,
+    )
+    with connection, connection.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.set_types(["bytea", "varchar"])
+        for row in rows:
+            copy.write_row(row)
+
+
+def run_demo_end_to_end(count: int, environment: dict[str, str]) -> dict[str, float]:
+    """The whole of `python sharding_demo.py --users N --show 2`, as a user waits for it."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "sharding_demo.py"), "--users", str(count), "--show", "2"],
+        env=os.environ | environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+    seconds = time.perf_counter() - started
+    # This process has run one child only, so the children's peak is the demo's.
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def load_demo(servers: dict[str, sharding_demo.Server], count: int) -> None:
@@ -99,6 +130,8 @@ def load_naive_orm(servers: dict[str, sharding_demo.Server], count: int) -> None
 
 def child(method: str, count: int, environment: dict[str, str]) -> dict[str, float]:
     """Run one load in this process and measure it; the parent starts one process per load."""
+    if method == "end-to-end":
+        return run_demo_end_to_end(count, environment)
     os.environ.update(environment)
     config = sharding_demo.load_config(argparse.Namespace(read_policy=None, catchup_timeout=None))
     servers = {
@@ -106,8 +139,15 @@ def child(method: str, count: int, environment: dict[str, str]) -> dict[str, flo
         for settings in [config.primary, *config.replicas]
     }
 
+    prepared = (
+        [(sharding_demo.UUID7.new_bytes(), sharding_demo.user_name(n)) for n in range(count)]
+        if method == "server-ceiling"
+        else []
+    )
     started = time.perf_counter()
-    if method == "copy-baseline":
+    if method == "server-ceiling":
+        load_prepared_rows(config.primary, prepared)
+    elif method == "copy-baseline":
         load_copy_baseline(config.primary, count)
     elif method == "copy-baseline-uuid4":
         load_copy_baseline(config.primary, count, make_id=uuid.uuid4)
@@ -231,6 +271,24 @@ def print_load_table(results: dict[tuple[str, int], dict[str, float]], sizes: li
         print(f"At 100,000 rows the demo's path is {orm / demo:.1f}x the naive ORM's speed.")
 
 
+def print_end_to_end_table(results: dict[tuple[str, int], dict[str, float]], sizes: list[int]) -> None:
+    print(
+        "End to end: `python sharding_demo.py --users N --show 2`, from process start to exit, on an emptied"
+    )
+    print("table (ratios: its time over the copy-baseline's load and over the server-ceiling's, above)")
+    header = f"{'N':>9}  {'end to end':>11} {'vs baseline':>12} {'vs ceiling':>11} {'peak RSS':>9}"
+    print(header)
+    print("-" * len(header))
+    for count in sizes:
+        whole = results[("end-to-end", count)]
+        baseline = results[("copy-baseline", count)]["seconds"]
+        ceiling = results[("server-ceiling", count)]["seconds"]
+        print(
+            f"{count:>9,}  {whole['seconds']:>9.2f} s {whole['seconds'] / baseline:>11.2f}x"
+            f" {whole['seconds'] / ceiling:>10.2f}x {whole['peak_rss_mb']:>6.0f} MB"
+        )
+
+
 def generation_seconds(make_id: Callable[[], uuid.UUID], count: int) -> float:
     """How long Python takes just to make the ids, to separate it from the database's work."""
     started = time.perf_counter()
@@ -284,6 +342,27 @@ def main() -> int:
                 results[(method, count)] = measure(cluster, method, count)
                 print(f"  measured {method} at {count:,}", file=sys.stderr, flush=True)
         print_load_table(results, arguments.sizes)
+
+        for count in arguments.sizes:
+            reset_table(cluster)
+            results[("end-to-end", count)] = json.loads(
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        "end-to-end",
+                        str(count),
+                        json.dumps(cluster.demo_environment()),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            print(f"  measured end-to-end at {count:,}", file=sys.stderr, flush=True)
+        print()
+        print_end_to_end_table(results, arguments.sizes)
 
         largest = max(arguments.sizes)
         v4 = measure(cluster, "copy-baseline-uuid4", largest)

@@ -22,6 +22,7 @@ from sharding_demo import (
     hash_bytes_extended,
     partition_row_hash,
     predict_partition,
+    uuid_row_hashes,
 )
 
 MODULI = (3, 4, 8, 10, 16)
@@ -152,3 +153,18 @@ def test_twenty_thousand_random_uuids_land_where_predicted(
     assert wrong == []
     # Every partition got rows, so each bound was exercised.
     assert {actual for _, actual in rows} == {bound.partition for bound in bounds}
+
+
+def test_the_16_byte_shortcut_agrees_with_the_reference_and_the_server(cluster: LocalCluster) -> None:
+    # uuid_row_hashes is the fast path the demo uses for many ids; it must give exactly the
+    # reference port's row hash for every id, and so the server's partition.
+    ids = [uuid.UUID(user_id) for user_id, _, _ in SERVER_VECTORS]
+    ids += [uuid.uuid4() for _ in range(2000)] + [random_uuid7(random.getrandbits(128)) for _ in range(2000)]
+    fast = list(uuid_row_hashes(b"".join(user_id.bytes for user_id in ids)))
+    assert fast == [partition_row_hash(user_id.bytes) for user_id in ids]
+    for (_, _, remainders), row_hash in zip(SERVER_VECTORS, fast, strict=False):
+        for modulus, remainder in remainders.items():
+            assert row_hash % modulus == remainder
+    with connect(cluster.primary) as connection:
+        for user_id, row_hash in list(zip(ids, fast, strict=True))[:200]:
+            assert server_remainders(connection, user_id) == {m: row_hash % m for m in MODULI}
