@@ -49,6 +49,19 @@ def cluster() -> Iterator[LocalCluster]:
         yield running
 
 
+@pytest.fixture
+def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """After a test that stops servers or pauses replay: every server started, replaying, streaming."""
+    yield cluster
+    for node in cluster.nodes:
+        if not node.running:
+            node.start()
+    for replica in cluster.replicas:
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_resume()")
+    cluster.wait_for_streaming()
+
+
 def connect(
     node: PostgresNode, dbname: str = "postgres", **options: object
 ) -> psycopg.Connection[tuple[object, ...]]:

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,8 @@ import pytest
 from conftest import DEMO, clean_environment, connect, run_demo, wait_until
 from local_cluster import LocalCluster, PostgresNode
 
-
-@pytest.fixture(autouse=True)
-def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
-    yield cluster
-    for node in cluster.nodes:
-        if not node.running:
-            node.start()
-    for replica in cluster.replicas:
-        with connect(replica) as connection:
-            connection.execute("SELECT pg_wal_replay_resume()")
-    cluster.wait_for_streaming()
+# Every test here breaks the shared cluster on purpose; put it back after each one.
+pytestmark = pytest.mark.usefixtures("healthy_cluster")
 
 
 def ids_on(node: PostgresNode) -> set[str]:

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,16 +37,8 @@ def the_error(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
-    yield cluster
-    for node in cluster.nodes:
-        if not node.running:
-            node.start()
-    for replica in cluster.replicas:
-        with connect(replica) as connection:
-            connection.execute("SELECT pg_wal_replay_resume()")
-    cluster.wait_for_streaming()
+# Every test here breaks the shared cluster on purpose; put it back after each one.
+pytestmark = pytest.mark.usefixtures("healthy_cluster")
 
 
 def start_demo(
