@@ -53,6 +53,17 @@ METHODS = ("server-ceiling", "copy-baseline", "demo", "naive-orm")
 # ------------------------------------------------------------------------------------------------
 
 
+def connect_primary(settings: sharding_demo.DatabaseSettings) -> psycopg.Connection[tuple[object, ...]]:
+    """A plain psycopg connection to the primary, from the demo's own settings (no SQLAlchemy)."""
+    return psycopg.connect(
+        host=settings.host,
+        port=settings.port,
+        user=settings.user,
+        password=settings.password.get_secret_value(),
+        dbname=settings.name,
+    )
+
+
 def load_copy_baseline(
     settings: sharding_demo.DatabaseSettings,
     count: int,
@@ -60,13 +71,7 @@ def load_copy_baseline(
 ) -> None:
     """The fastest plain way: one psycopg connection, binary COPY, ids made row by row."""
     statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
-    connection = psycopg.connect(
-        host=settings.host,
-        port=settings.port,
-        user=settings.user,
-        password=settings.password.get_secret_value(),
-        dbname=settings.name,
-    )
+    connection = connect_primary(settings)
     with connection, connection.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types(["uuid", "varchar"])
         for number in range(count):
@@ -76,13 +81,7 @@ def load_copy_baseline(
 def load_prepared_rows(settings: sharding_demo.DatabaseSettings, rows: list[tuple[bytes, str]]) -> None:
     """The server's own pace: binary COPY of rows made before the clock started."""
     statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
-    connection = psycopg.connect(
-        host=settings.host,
-        port=settings.port,
-        user=settings.user,
-        password=settings.password.get_secret_value(),
-        dbname=settings.name,
-    )
+    connection = connect_primary(settings)
     with connection, connection.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types(["bytea", "varchar"])
         for row in rows:
