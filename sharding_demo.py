@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import psycopg
 import sqlalchemy.exc
-from dotenv.parser import parse_stream
+from dotenv.parser import Binding, parse_stream
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import URL, Connection, Engine, String, Uuid, column, create_engine, func, select, table, text
@@ -57,6 +57,11 @@ MAX_CATCHUP_TIMEOUT = 3600.0
 # ================================================================================================
 # Settings: where the three servers are, read from the environment and .env
 # ================================================================================================
+
+
+def strip_spaces(value: object) -> object:
+    """A validator for settings given as text: spaces around the value are not part of it."""
+    return value.strip() if isinstance(value, str) else value
 
 
 class DatabaseSettings(BaseSettings):
@@ -75,11 +80,8 @@ class DatabaseSettings(BaseSettings):
 
     service: ClassVar[str]  # the docker-compose.yml service this server is, e.g. "master-db"
 
-    @field_validator("host", "user", "name", mode="before")
-    @classmethod
-    def strip_spaces(cls, value: object) -> object:
-        # "localhost " from a sloppy .env line is meant as "localhost" (passwords are kept as given).
-        return value.strip() if isinstance(value, str) else value
+    # "localhost " from a sloppy .env line is meant as "localhost" (passwords are kept as given).
+    _strip_spaces = field_validator("host", "user", "name", mode="before")(strip_spaces)
 
     @field_validator("host", "user", "name", "password", mode="before")
     @classmethod
@@ -121,10 +123,7 @@ class DemoSettings(BaseSettings):
     catchup_timeout: float = Field(default=5.0, ge=0, le=MAX_CATCHUP_TIMEOUT, allow_inf_nan=False)
     connect_timeout: int = Field(default=3, ge=1, le=600)  # seconds to wait for a connection (libpq's)
 
-    @field_validator("read_policy", mode="before")
-    @classmethod
-    def strip_spaces(cls, value: object) -> object:
-        return value.strip() if isinstance(value, str) else value
+    _strip_spaces = field_validator("read_policy", mode="before")(strip_spaces)
 
 
 # ================================================================================================
@@ -328,9 +327,7 @@ def check_primary(primary: Server) -> PrimaryFacts:
     try:
         with primary.engine.connect() as connection:
             version = str(connection.scalar(text("SHOW server_version")))
-            in_recovery, system_identifier = connection.execute(
-                text("SELECT pg_is_in_recovery(), system_identifier FROM pg_control_system()")
-            ).one()
+            in_recovery, system_identifier = recovery_and_identity(connection)
     except sqlalchemy.exc.OperationalError as error:
         raise primary_connection_error(primary, error) from None
     if in_recovery:
@@ -339,7 +336,16 @@ def check_primary(primary: Server) -> PrimaryFacts:
             f"check {primary.env_prefix}HOST and {primary.env_prefix}PORT",
             EXIT_CONFIG,
         )
-    return PrimaryFacts(version, int(system_identifier))
+    return PrimaryFacts(version, system_identifier)
+
+
+def recovery_and_identity(connection: Connection) -> tuple[bool, int]:
+    """Is this server a standby (in recovery), and which cluster is it? The system identifier is
+    made by initdb, and every standby cloned from a primary shares the primary's."""
+    in_recovery, system_identifier = connection.execute(
+        text("SELECT pg_is_in_recovery(), system_identifier FROM pg_control_system()")
+    ).one()
+    return bool(in_recovery), int(system_identifier)
 
 
 def read_partition_bounds(primary: Server) -> list[HashBound]:
@@ -504,15 +510,13 @@ def check_replicas(replicas: Sequence[Server], primary_system_identifier: int) -
         fix = f"check {replica.env_prefix}HOST and {replica.env_prefix}PORT"
         try:
             with replica.engine.connect() as connection:
-                in_recovery, system_identifier = connection.execute(
-                    text("SELECT pg_is_in_recovery(), system_identifier FROM pg_control_system()")
-                ).one()
+                in_recovery, system_identifier = recovery_and_identity(connection)
         except sqlalchemy.exc.OperationalError as error:
             problems.append((replica, replica_connection_problem(replica, error)))
             continue
         if not in_recovery:
             problems.append((replica, f"is not a standby (pg_is_in_recovery() is false): {fix}"))
-        elif int(system_identifier) != primary_system_identifier:
+        elif system_identifier != primary_system_identifier:
             problems.append(
                 (
                     replica,
@@ -863,10 +867,7 @@ def where_users_landed(users: NewUsers, shown: int) -> Callable[[Session], Landi
     # As in insert_with_copy: read each id as its 16 raw bytes ("bytea"), not as a uuid.UUID.
 
     def work(session: Session) -> Landing:
-        # The psycopg connection under the session's, for its COPY API (as in appendix B).
-        psycopg_connection = session.connection().connection.driver_connection
-        assert isinstance(psycopg_connection, psycopg.Connection)
-        with psycopg_connection.cursor() as cursor, cursor.copy(rows_in_range) as copy:
+        with psycopg_connection(session).cursor() as cursor, cursor.copy(rows_in_range) as copy:
             copy.set_types(["bytea", "oid"])
             return count_landings(users, shown, copy.rows())
 
@@ -1016,10 +1017,11 @@ def new_user_reports(
     names = {bound.oid: bound.partition for bound in bounds}
     reports = []
     for number in range(min(show, users.count)):
-        actual_oid = landing.partition_of.get(users.user_id(number))
+        user_id = users.user_id(number)
+        actual_oid = landing.partition_of.get(user_id)
         reports.append(
             NewUserReport(
-                id=users.user_id(number),
+                id=user_id,
                 first_name=user_name(number),
                 predicted_partition=predict_partition(users.id_bytes(number), bounds),
                 actual_partition=None if actual_oid is None else names.get(actual_oid, f"oid {actual_oid}"),
@@ -1367,14 +1369,21 @@ def uuid_row_hashes(id_buffer: bytes) -> Iterator[int]:
 # ================================================================================================
 
 
+def psycopg_connection(session: Session) -> psycopg.Connection[Any]:
+    """The psycopg connection under a session's, for its COPY API, which SQLAlchemy does not wrap.
+
+    session.connection() is the transaction's connection; .connection.driver_connection is the
+    psycopg connection underneath it. Same connection, same transaction: a COPY commits or rolls
+    back with the rest.
+    """
+    connection = session.connection().connection.driver_connection
+    assert isinstance(connection, psycopg.Connection)
+    return connection
+
+
 def insert_with_copy(session: Session, users: NewUsers, progress: Callable[[int], None]) -> None:
-    # session.connection() is the transaction's connection; .connection.driver_connection is the
-    # psycopg connection underneath it, which has the COPY API. Same connection, same transaction:
-    # the COPY commits or rolls back with the rest.
-    psycopg_connection = session.connection().connection.driver_connection
-    assert isinstance(psycopg_connection, psycopg.Connection)
     copy_statement = f"COPY {PARENT_TABLE} (id, first_name) FROM STDIN (FORMAT BINARY)"
-    with psycopg_connection.cursor() as cursor, cursor.copy(copy_statement) as copy:
+    with psycopg_connection(session).cursor() as cursor, cursor.copy(copy_statement) as copy:
         # Binary COPY sends each field as its length and its bytes, and the server decodes them
         # with the column's own type. A uuid's binary form is its 16 bytes, so the ids go as the
         # raw bytes they are kept in ("bytea" only tells psycopg to send bytes as they are); making
@@ -1729,11 +1738,35 @@ def describe_invalid_setting(settings_class: type[BaseSettings], error: Validati
     return f"invalid setting {variable}{value}: {first['msg']}"
 
 
-# A line of a .env file: NAME=value, with an optional `export ` before it.
-DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+def settings_warnings(path: Path = Path(".env")) -> list[str]:
+    """Things in the environment or .env that are probably mistakes, one line each."""
+    bindings = dotenv_bindings(path)
+    return [
+        *dotenv_unreadable_lines(bindings),
+        *dotenv_dollar_warnings(bindings),
+        *unknown_demo_variables(bindings),
+    ]
 
 
-def dotenv_dollar_warnings(path: Path = Path(".env")) -> list[str]:
+def dotenv_bindings(path: Path) -> list[Binding]:
+    """The lines of .env as python-dotenv parses them (the parser pydantic-settings uses): each with
+    its name, its value, the text it was written as, and whether it could be parsed at all."""
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8", errors="replace") as stream:
+        return list(parse_stream(stream))
+
+
+def dotenv_unreadable_lines(bindings: Sequence[Binding]) -> list[str]:
+    """Lines of .env that python-dotenv cannot parse (it would skip them, and say so four times)."""
+    bad = [str(binding.original.line) for binding in bindings if binding.error]
+    if not bad:
+        return []
+    lines = f"lines {', '.join(bad)} were" if len(bad) > 1 else f"line {bad[0]} was"
+    return [f".env {lines} not NAME=value, and ignored"]
+
+
+def dotenv_dollar_warnings(bindings: Sequence[Binding]) -> list[str]:
     """Passwords in .env that docker compose and this demo would read differently.
 
     One .env configures both, but they treat `$` differently. Compose (v2) replaces $NAME, ${NAME}
@@ -1742,16 +1775,14 @@ def dotenv_dollar_warnings(path: Path = Path(".env")) -> list[str]:
     only ${NAME}, even inside single quotes. So MASTER_DB_PASSWORD=pa$word gives the server the
     password 'pa' and the demo 'pa$word', and the login fails. Written 'pa$word', both agree.
     """
-    if not path.is_file():
-        return []
     warnings = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = DOTENV_LINE.match(line)
-        if match is None or not match.group(1).endswith("PASSWORD"):
+    for binding in bindings:
+        name = binding.key
+        if name is None or not name.endswith("PASSWORD"):
             continue
-        name, value = match.groups()
-        compose_expands = not value.startswith("'") and re.search(r"\$[A-Za-z_{$]", value)
-        if compose_expands or "${" in value:
+        written = binding.original.string.split("=", 1)[1].strip()  # as typed, quotes included
+        compose_expands = not written.startswith("'") and re.search(r"\$[A-Za-z_{$]", written)
+        if compose_expands or "${" in written:
             warnings.append(
                 f"{name} in .env has a '$' that docker compose and this demo read differently; "
                 f"write the value in single quotes, without '${{' ({name}='...')"
@@ -1759,33 +1790,13 @@ def dotenv_dollar_warnings(path: Path = Path(".env")) -> list[str]:
     return warnings
 
 
-def settings_warnings(path: Path = Path(".env")) -> list[str]:
-    """Things in the environment or .env that are probably mistakes, one line each."""
-    return [*dotenv_unreadable_lines(path), *dotenv_dollar_warnings(path), *unknown_demo_variables(path)]
-
-
-def dotenv_unreadable_lines(path: Path) -> list[str]:
-    """Lines of .env that python-dotenv cannot parse (it would skip them, and say so four times)."""
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8", errors="replace") as stream:
-        bad = [str(binding.original.line) for binding in parse_stream(stream) if binding.error]
-    if not bad:
-        return []
-    lines = f"lines {', '.join(bad)} were" if len(bad) > 1 else f"line {bad[0]} was"
-    return [f".env {lines} not NAME=value, and ignored"]
-
-
-def unknown_demo_variables(path: Path) -> list[str]:
+def unknown_demo_variables(bindings: Sequence[Binding]) -> list[str]:
     """DEMO_* names this demo does not know, such as DEMO_USER=100 for --users: ignored, so say so."""
     known = {"DEMO_" + name.upper() for name in DemoSettings.model_fields}
     names = {name.upper() for name in os.environ if name.upper().startswith("DEMO_")}
-    if path.is_file():
-        names |= {
-            match.group(1).upper()
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-            if (match := DOTENV_LINE.match(line)) and match.group(1).upper().startswith("DEMO_")
-        }
+    names |= {
+        binding.key.upper() for binding in bindings if binding.key and binding.key.upper().startswith("DEMO_")
+    }
     return [
         f"{name} is not a setting of this demo, and is ignored (it has {', '.join(sorted(known))})"
         for name in sorted(names - known)

@@ -13,6 +13,7 @@ from sharding_demo import (
     MasterDBSettings,
     ReplicaOneSettings,
     ReplicaTwoSettings,
+    dotenv_bindings,
     dotenv_dollar_warnings,
 )
 
@@ -113,7 +114,7 @@ def test_dollar_in_a_dotenv_password(
 ) -> None:
     (isolated_settings / ".env").write_text(line + "\n")
     assert MasterDBSettings().password.get_secret_value() == demo_reads
-    warnings = dotenv_dollar_warnings()
+    warnings = dotenv_dollar_warnings(dotenv_bindings(Path(".env")))
     assert len(warnings) == int(warned)
     if warned:
         assert warnings[0].startswith("MASTER_DB_PASSWORD in .env has a '$'")
