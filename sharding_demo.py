@@ -170,7 +170,7 @@ def run(flags: argparse.Namespace) -> Report:
             landing, checked_by = router.read(where_users_landed(users, shown=flags.show))
             partitions = [read_partition(router, bound, flags.show) for bound in bounds]
             first_user = read_first_user(router)
-        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+        except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             raise failure_after_commit(written, error) from None
 
         # 7. report: everything above, in one value
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # run() turns an interruption during or after the insert into a DemoError that says so.
         print("sharding_demo.py: error: interrupted before the insert: nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+    except DATABASE_ERRORS as error:
         # The primary failed between its checks and the insert (say, it was stopped).
         print(f"sharding_demo.py: error: {failure_before_insert(error)}", file=sys.stderr)
         return EXIT_PRIMARY_UNREACHABLE
@@ -712,20 +712,20 @@ def insert_users(primary: Server, users: NewUsers, progress: Callable[[int], Non
             else:
                 insert_with_copy(session, users, progress)
             written_by = who_served(session, primary)
-        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+        except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             # Close the connection without a ROLLBACK on it (it may be dead): the server rolls back
             # an open transaction whose connection goes away.
             session.invalidate()
             raise failure_before_commit(primary, error) from None
         try:
             session.commit()
-        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+        except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             session.invalidate()
             raise failure_during_commit(primary, users.count, error) from None
         try:
             # After COMMIT the commit record is in the WAL; pg_current_wal_lsn() is at or past it.
             commit_lsn = str(session.scalar(text("SELECT pg_current_wal_lsn()")))
-        except (KeyboardInterrupt, sqlalchemy.exc.DBAPIError, psycopg.Error) as error:
+        except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             session.invalidate()
             raise failure_after_commit(Written(users.count, method, written_by, "unknown"), error) from None
     return Written(users.count, method, written_by, commit_lsn)
@@ -1609,6 +1609,11 @@ EXIT_INSERT_REFUSED = 7  # the primary refused or cancelled the insert: nothing 
 EXIT_COMMIT_UNKNOWN = 8  # the connection was lost during COMMIT: the users may or may not be in
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_STDOUT_CLOSED = 141  # the reader of stdout went away, as with `| head` (128 + SIGPIPE)
+
+
+# What a server's failure looks like here: SQLAlchemy wraps psycopg's errors in DBAPIError, and the
+# COPY paths, which use psycopg directly, raise psycopg's own.
+DATABASE_ERRORS = (sqlalchemy.exc.DBAPIError, psycopg.Error)
 
 
 class DemoError(Exception):
