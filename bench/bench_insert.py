@@ -5,14 +5,14 @@ each N it loads N users into tbl_users three ways, each in a fresh process (so p
 method's alone) and on an emptied table:
 
   copy baseline   hand-written psycopg binary COPY that also generates the UUIDv7s;
-  demo            sharding_demo's own insert path: NewUsers (ids made before the insert) and
-                  insert_users() (COPY above ORM_INSERT_LIMIT users, through the engine's
-                  connection, one transaction);
+  demo            sharding_demo's own bulk path, insert_many_users(): the ids made in one
+                  buffer, each one's partition predicted, then COPY through the engine's
+                  connection, in one transaction;
   naive ORM       the literal port of GORM's db.Create(&users): session.add_all + commit.
 
 For each it prints rows/s, the ratio to the baseline, the process's peak RSS, and how long the
-replicas took to replay the load after its commit. The demo's Python prediction of each row's
-partition is a separate step in the demo, timed on its own in the `predict` column.
+replicas took to replay the load after its commit. The demo's row includes its Python prediction
+of each row's partition, which the other loads do not make.
 
 Then, at the largest N, UUIDv7 against UUIDv4 with the baseline COPY: load time, WAL written and
 the size of the primary-key indexes.
@@ -43,7 +43,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
 import sharding_demo  # noqa: E402
-from local_cluster import LocalCluster, port_is_free  # noqa: E402
+from local_cluster import LocalCluster, free_port_base  # noqa: E402
 
 METHODS = ("server-ceiling", "copy-baseline", "demo", "naive-orm")
 
@@ -67,9 +67,11 @@ def connect_primary(settings: sharding_demo.DatabaseSettings) -> psycopg.Connect
 def load_copy_baseline(
     settings: sharding_demo.DatabaseSettings,
     count: int,
-    make_id: Callable[[], uuid.UUID] = sharding_demo.new_user_id,
+    make_id: Callable[[], uuid.UUID] | None = None,
 ) -> None:
     """The fastest plain way: one psycopg connection, binary COPY, ids made row by row."""
+    maker = sharding_demo.UUIDv7Maker()
+    make_id = make_id or (lambda: uuid.UUID(bytes=maker.new()))
     statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
     connection = connect_primary(settings)
     with connection, connection.cursor() as cursor, cursor.copy(statement) as copy:
@@ -103,26 +105,16 @@ def run_demo_end_to_end(count: int, environment: dict[str, str]) -> dict[str, fl
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def load_demo(servers: dict[str, sharding_demo.Server], count: int) -> None:
-    """sharding_demo's insert path: make the ids, then insert_users() (COPY for large N)."""
-    users = sharding_demo.NewUsers.make(count, progress=lambda done: None)
-    sharding_demo.insert_users(servers["master-db"], users, progress=lambda done: None)
+def load_demo(primary: sharding_demo.Server, count: int) -> None:
+    """sharding_demo's bulk path: ids, predicted partitions, COPY, commit."""
+    partitions = sharding_demo.check_primary(primary).partitions
+    sharding_demo.insert_many_users(primary, count, partitions)
 
 
-def time_prediction(count: int, bounds: list[sharding_demo.HashBound]) -> float:
-    users = sharding_demo.NewUsers.make(count, progress=lambda done: None)
-    started = time.perf_counter()
-    sharding_demo.predict_partitions(users, bounds, progress=lambda done: None)
-    return time.perf_counter() - started
-
-
-def load_naive_orm(servers: dict[str, sharding_demo.Server], count: int) -> None:
+def load_naive_orm(primary: sharding_demo.Server, count: int) -> None:
     """What a straight port of GORM's Create does: one ORM object per row, add_all, commit."""
-    users = [
-        sharding_demo.User(id=sharding_demo.new_user_id(), first_name=sharding_demo.user_name(n))
-        for n in range(count)
-    ]
-    with sharding_demo.Session(servers["master-db"].engine) as session:
+    users = [sharding_demo.User(first_name=sharding_demo.user_name(n)) for n in range(count)]
+    with sharding_demo.Session(primary.engine) as session:
         session.add_all(users)
         session.commit()
 
@@ -132,45 +124,43 @@ def child(method: str, count: int, environment: dict[str, str]) -> dict[str, flo
     if method == "end-to-end":
         return run_demo_end_to_end(count, environment)
     os.environ.update(environment)
-    config = sharding_demo.load_config(argparse.Namespace(read_policy=None, catchup_timeout=None))
-    servers = {
-        settings.service: sharding_demo.make_server(settings, 3)
-        for settings in [config.primary, *config.replicas]
-    }
-
+    watchdog = sharding_demo.Watchdog(stall_timeout=300)
+    primary, *replicas = [
+        sharding_demo.make_server(settings_class(), 3, watchdog)
+        for settings_class in (
+            sharding_demo.MasterDBSettings,
+            sharding_demo.ReplicaOneSettings,
+            sharding_demo.ReplicaTwoSettings,
+        )
+    ]
+    maker = sharding_demo.UUIDv7Maker()
     prepared = (
-        [(sharding_demo.UUID7.new_bytes(), sharding_demo.user_name(n)) for n in range(count)]
+        [(maker.new(), sharding_demo.user_name(n)) for n in range(count)]
         if method == "server-ceiling"
         else []
     )
     started = time.perf_counter()
     if method == "server-ceiling":
-        load_prepared_rows(config.primary, prepared)
+        load_prepared_rows(primary.settings, prepared)
     elif method == "copy-baseline":
-        load_copy_baseline(config.primary, count)
+        load_copy_baseline(primary.settings, count)
     elif method == "copy-baseline-uuid4":
-        load_copy_baseline(config.primary, count, make_id=uuid.uuid4)
+        load_copy_baseline(primary.settings, count, make_id=uuid.uuid4)
     elif method == "demo":
-        load_demo(servers, count)
+        load_demo(primary, count)
     elif method == "naive-orm":
-        load_naive_orm(servers, count)
+        load_naive_orm(primary, count)
     load_seconds = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    # How long the replicas take to replay everything the load wrote, counted from its commit.
-    with servers["master-db"].engine.connect() as connection:
+    # How long the replicas take to replay everything the load wrote, counted from its commit,
+    # with the demo's own wait.
+    with primary.engine.connect() as connection:
         commit_lsn = str(connection.scalar(sharding_demo.text("SELECT pg_current_wal_lsn()")))
-    replicas = [servers["replica-one"], servers["replica-two"]]
-    catchups = sharding_demo.wait_for_replicas(replicas, commit_lsn, timeout=300)
-    result = {
-        "seconds": load_seconds,
-        "peak_rss_mb": peak_rss_mb,
-        "catchup_seconds": max(catchup.seconds for catchup in catchups),
-    }
-    if method == "demo":
-        bounds = sharding_demo.read_partition_bounds(servers["master-db"])
-        result["predict_seconds"] = time_prediction(count, bounds)
-    return result
+    facts = sharding_demo.check_primary(primary)
+    router = sharding_demo.ReadWriteRouter(primary, replicas, "random", facts)
+    caught_up = sharding_demo.wait_for_replicas(router, commit_lsn, timeout=300)
+    return {"seconds": load_seconds, "peak_rss_mb": peak_rss_mb, "catchup_seconds": max(caught_up.values())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,17 +224,10 @@ def largest_deviation_from_even(cluster: LocalCluster) -> float:
     return max(abs(count - even) / even for count in counts)
 
 
-def free_port_base() -> int:
-    for base in range(25432, 35432, 3):
-        if all(port_is_free(base + offset) for offset in range(3)):
-            return base
-    raise SystemExit("no three free ports")
-
-
 def print_load_table(results: dict[tuple[str, int], dict[str, float]], sizes: list[int]) -> None:
     header = (
         f"{'N':>9}  {'method':<14} {'rows/s':>10} {'vs baseline':>12} {'peak RSS':>9}"
-        f" {'replicas caught up':>19} {'predict (separate)':>19}"
+        f" {'replicas caught up':>19}"
     )
     print(header)
     print("-" * len(header))
@@ -257,11 +240,10 @@ def print_load_table(results: dict[tuple[str, int], dict[str, float]], sizes: li
                 print(f"{count:>9,}  {method:<14} {'not run (see --orm-max)':>34}")
                 continue
             rate = count / result["seconds"]
-            predict = f"{result['predict_seconds']:.2f} s" if "predict_seconds" in result else ""
             catchup_ms = result["catchup_seconds"] * 1000
             print(
                 f"{count:>9,}  {method:<14} {rate:>10,.0f} {rate / baseline_rate:>11.2f}x"
-                f" {result['peak_rss_mb']:>6.0f} MB {catchup_ms:>16.0f} ms {predict:>19}"
+                f" {result['peak_rss_mb']:>6.0f} MB {catchup_ms:>16.0f} ms"
             )
     print()
     if ("naive-orm", 100_000) in results and ("demo", 100_000) in results:
@@ -303,7 +285,8 @@ def print_uuid_table(v7: dict[str, float], v4: dict[str, float], count: int) -> 
         f"{'':<8} {'load':>8} {'of which ids':>13} {'rows/s':>9} {'WAL written':>12}"
         f" {'PK indexes':>11} {'index pages':>12} {'spread':>8}"
     )
-    generators = {"UUIDv7": sharding_demo.new_user_id, "UUIDv4": uuid.uuid4}
+    maker = sharding_demo.UUIDv7Maker()
+    generators = {"UUIDv7": lambda: uuid.UUID(bytes=maker.new()), "UUIDv4": uuid.uuid4}
     for name, result in (("UUIDv7", v7), ("UUIDv4", v4)):
         ids = generation_seconds(generators[name], count)
         print(

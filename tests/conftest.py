@@ -7,7 +7,6 @@ on 127.0.0.1. Which PostgreSQL it runs is local_cluster's choice: set PG_BINDIR 
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -21,25 +20,10 @@ import pytest
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
-from local_cluster import LocalCluster, PostgresNode, port_is_free  # noqa: E402
+from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base  # noqa: E402
 
 DEMO = PROJECT_DIR / "sharding_demo.py"
-DEMO_VARIABLE_PREFIXES = ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_", "DEMO_")
-
-
-def free_port_base() -> int:
-    """Three consecutive free ports, away from 5432 (which a developer's own server may hold).
-
-    They are taken below Linux's ephemeral range (ip_local_port_range, 32768 and up by default):
-    a port in that range can be free now and then taken as the local end of some client's
-    connection (a replica's WAL receiver, a test's psycopg), and a server started on it later in
-    the session would fail with "Address already in use".
-    """
-    for _ in range(100):
-        base = random.randrange(20000, 32000)
-        if all(port_is_free(base + offset) for offset in range(3)):
-            return base
-    raise RuntimeError("no three consecutive free ports found")
+DEMO_VARIABLE_PREFIXES = ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_", "SHARD_ONE_", "SHARD_TWO_", "DEMO_")
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +54,7 @@ def connect(
         host="127.0.0.1",
         port=node.port,
         user="postgres",
-        password=node.cluster.superuser_password,
+        password=DEFAULT_PASSWORD,  # the cluster's superuser password (tests keep the default)
         dbname=dbname,
         autocommit=True,
         **options,  # type: ignore[arg-type]
@@ -105,6 +89,25 @@ def run_demo(
             timeout=timeout,
             check=False,
         )
+
+
+@pytest.fixture
+def run_in_process(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Call sharding_demo.run() in this process, against `cluster` (a real one), and return its Report:
+    a test can then look at the value the text and the JSON are made from. Only the environment and
+    the current folder (empty, so no stray .env) are set for the call; no server is mocked."""
+    import sharding_demo
+
+    def run(cluster: LocalCluster = cluster, env: dict[str, str] | None = None, **settings: object):  # type: ignore[no-untyped-def]
+        for name in os.environ:
+            if name.startswith(DEMO_VARIABLE_PREFIXES):
+                monkeypatch.delenv(name)
+        for name, value in (cluster.demo_environment() | (env or {})).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(tmp_path)
+        return sharding_demo.run(sharding_demo.DemoSettings(**settings))  # type: ignore[arg-type]
+
+    return run
 
 
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -13,8 +13,7 @@ from sharding_demo import (
     MasterDBSettings,
     ReplicaOneSettings,
     ReplicaTwoSettings,
-    dotenv_bindings,
-    dotenv_dollar_warnings,
+    dollar_warnings,
 )
 
 
@@ -42,7 +41,8 @@ def test_defaults_match_the_original_demo_and_compose() -> None:
         )
         assert settings.password.get_secret_value() == "postgres"
     demo = DemoSettings()
-    assert (demo.read_policy, demo.catchup_timeout, demo.connect_timeout) == ("random", 5.0, 3)
+    assert (demo.users, demo.show, demo.json_output, demo.read_policy) == (5, 10, False, "random")
+    assert (demo.catchup_timeout, demo.connect_timeout, demo.stall_timeout) == (5.0, 3, 10.0)
 
 
 def test_environment_overrides_each_server_separately(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,7 +114,7 @@ def test_dollar_in_a_dotenv_password(
 ) -> None:
     (isolated_settings / ".env").write_text(line + "\n")
     assert MasterDBSettings().password.get_secret_value() == demo_reads
-    warnings = dotenv_dollar_warnings(dotenv_bindings(Path(".env")))
+    warnings = dollar_warnings(Path(".env"))
     assert len(warnings) == int(warned)
     if warned:
         assert warnings[0].startswith("MASTER_DB_PASSWORD in .env has a '$'")

@@ -8,8 +8,8 @@ import json
 import pytest
 from psycopg import sql
 
-from conftest import connect, free_port_base, run_demo
-from local_cluster import LocalCluster
+from conftest import connect, run_demo
+from local_cluster import LocalCluster, free_port_base
 
 
 def count_rows(cluster: LocalCluster) -> int:

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_DIR, free_port_base
-from local_cluster import INIT_FILES, REPLICA_BOOTSTRAP, REPLICAS, ClusterError, LocalCluster
+from conftest import PROJECT_DIR
+from local_cluster import (
+    INIT_FILES,
+    REPLICA_BOOTSTRAP,
+    REPLICAS,
+    SHARD_INIT_FILES,
+    ClusterError,
+    LocalCluster,
+    free_port_base,
+)
 
 # Pairs of clones to make. With the slot created by pg_basebackup itself (the old script), about a
 # third of the pairs failed here (PostgreSQL 15 and 18), so twelve pairs all passing by chance
@@ -61,7 +69,7 @@ def test_both_replicas_clone_at_once_every_time() -> None:
 
 def project_copy(destination: Path) -> Path:
     """The files local_cluster.py stages, copied with their modes, to modify in one test."""
-    for name in {*INIT_FILES.values(), REPLICA_BOOTSTRAP}:
+    for name in {*INIT_FILES.values(), *SHARD_INIT_FILES.values(), REPLICA_BOOTSTRAP}:
         shutil.copy(PROJECT_DIR / name, destination / name)
     return destination
 
@@ -82,7 +90,7 @@ def test_a_failing_init_file_is_one_clear_error(tmp_path: Path) -> None:
     (project / "init-master.sql").write_text("CREATE TABLE broken (;\n")
     with pytest.raises(ClusterError) as error, LocalCluster(port_base=free_port_base(), project_dir=project):
         pass
-    assert "psql for master-db failed" in str(error.value)
+    assert "master-db: psql failed" in str(error.value)
     assert "syntax error" in str(error.value)
 
 
