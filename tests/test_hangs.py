@@ -1,0 +1,497 @@
+"""Never hangs, never silent, never fooled: a server that stops answering (its processes SIGSTOPped,
+as a hung host or a dead network looks), SIGTERM and SIGHUP, a replica promoted mid-run, a decoy
+on the search_path, settings that are not text, and random settings as a property.
+
+Each case runs against the real cluster and checks the exit code, the one line, the time the run
+took against its bound, and the rows on every server afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sharding_demo
+from conftest import DEMO, clean_environment, connect, run_demo, wait_until
+from local_cluster import LocalCluster, PostgresNode, free_port_base
+
+pytestmark = pytest.mark.usefixtures("healthy_cluster")
+
+STALL = "2"  # DEMO_STALL_TIMEOUT for these tests, in seconds: the bound is this plus a little
+
+
+def count_on(node: PostgresNode, database: str = "postgres") -> int:
+    with connect(node, dbname=database) as connection:
+        return int(connection.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]
+
+
+def counts_everywhere(cluster: LocalCluster) -> list[int]:
+    """tbl_users' rows on the primary and each replica, once the replicas have caught up."""
+    primary = count_on(cluster.primary)
+    for replica in cluster.replicas:
+        assert wait_until(lambda replica=replica: count_on(replica) == primary, timeout=30), replica.name
+    return [primary] * len(cluster.nodes[:3])
+
+
+def start_demo(
+    cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(DEMO), *arguments],
+        env=clean_environment() | cluster.demo_environment() | {"DEMO_STALL_TIMEOUT": STALL} | (env or {}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def errors_of(stderr: str) -> list[str]:
+    """The error lines (progress lines are not errors); there must be at most one, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("sharding_demo.py: error: ")]
+    assert len(errors) <= 1, stderr
+    return errors
+
+
+def wait_for_statement(node: PostgresNode, like: str) -> None:
+    """Until a demo started from now on has a statement matching `like` running on `node`. (Only from
+    now on: the backend of an earlier test's paused demo can still show its COPY for a moment.)"""
+    [(since,)] = node.query("SELECT clock_timestamp()")
+
+    def running() -> bool:
+        with connect(node) as connection:
+            return bool(
+                connection.execute(
+                    "SELECT FROM pg_stat_activity WHERE application_name = 'sharding_demo' "
+                    "AND state = 'active' AND query LIKE %s AND backend_start > %s",
+                    [like, since],
+                ).fetchall()
+            )
+
+    assert wait_until(running, timeout=90, interval=0.02), f"no demo statement like {like!r} on {node.name}"
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. A server that stops answering
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_replica_stopped_during_the_read_back_is_left_out_and_the_read_retried(
+    cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = counts_everywhere(cluster)[0]
+    original = sharding_demo.where_users_landed
+    paused: list[PostgresNode] = []
+
+    def pause_the_replica_then_read(session: Any, ids: Any, show: int) -> Any:
+        # Deterministic: the replica that this read went to stops answering before the query is sent.
+        if not paused:
+            port = session.get_bind().url.port
+            paused.append(next(node for node in cluster.replicas if node.port == port))
+            paused[0].pause()
+        return original(session, ids, show)
+
+    monkeypatch.setattr(sharding_demo, "where_users_landed", pause_the_replica_then_read)
+    started = time.monotonic()
+    try:
+        report = run_in_process(stall_timeout=float(STALL))
+    finally:
+        for node in paused:
+            node.resume()
+    seconds = time.monotonic() - started
+
+    [skip] = report.skipped
+    assert (skip.replica.service, skip.when) == (paused[0].name, "during the reads")
+    assert skip.reason == f"stopped answering (nothing for {STALL} s)"
+    other = next(replica.name for replica in cluster.replicas if replica is not paused[0])
+    assert report.landing.server.service == other  # the read was retried there, and answered
+    assert sum(report.landing.value[0].values()) == 5
+    assert seconds < float(STALL) + 3, seconds
+    assert counts_everywhere(cluster) == [before + 5] * 3
+
+
+def test_a_replica_stopped_during_the_catch_up_wait_is_cut_off_at_the_stall_bound(
+    cluster: LocalCluster,
+) -> None:
+    before = counts_everywhere(cluster)[0]
+    lagging = cluster.replicas[0]
+    with connect(lagging) as connection:
+        connection.execute("SELECT pg_wal_replay_pause()")  # so that the demo keeps asking it
+    demo = start_demo(cluster, "--json", "--catchup-timeout", "30")
+    assert wait_until(lambda: count_on(cluster.primary) == before + 5, timeout=60)
+    lagging.pause()
+    paused_at = time.monotonic()
+    try:
+        stdout, stderr = demo.communicate(timeout=60)
+    finally:
+        lagging.resume()
+    seconds = time.monotonic() - paused_at
+
+    assert demo.returncode == 0, stderr
+    assert errors_of(stderr) == []
+    report = sharding_demo.json.loads(stdout)
+    [skip] = report["skipped"]
+    assert (skip["replica"], skip["when"]) == (lagging.name, "waited for")
+    assert skip["reason"] == f"stopped answering (nothing for {STALL} s)"
+    assert seconds < float(STALL) + 3, seconds  # the stall bound, not the 30 s of the catch-up
+    assert {partition["read_from"] for partition in report["partitions"]} == {cluster.replicas[1].name}
+    with connect(lagging) as connection:
+        connection.execute("SELECT pg_wal_replay_resume()")
+    assert counts_everywhere(cluster) == [before + 5] * 3
+
+
+def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    lagging = cluster.replicas[1]
+    with connect(lagging) as connection:
+        connection.execute("SELECT pg_wal_replay_pause()")
+    demo = start_demo(cluster, "--catchup-timeout", "2", env={"DEMO_STALL_TIMEOUT": "60"})
+    started = time.monotonic()
+    assert wait_until(lambda: count_on(cluster.primary) == before + 5, timeout=60)
+    lagging.pause()
+    try:
+        stdout, stderr = demo.communicate(timeout=60)
+    finally:
+        lagging.resume()
+    seconds = time.monotonic() - started
+
+    assert demo.returncode == 0, stderr
+    assert (
+        f"{lagging.name} ({'127.0.0.1'}:{lagging.port}): stopped answering (nothing by the deadline)"
+        in stdout
+    )
+    assert seconds < 2 + 4, seconds  # the catch-up deadline (2 s), not the stall bound (60 s)
+    with connect(lagging) as connection:
+        connection.execute("SELECT pg_wal_replay_resume()")
+    assert counts_everywhere(cluster) == [before + 5] * 3
+
+
+def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    demo = start_demo(cluster, "--users", "500000")
+    wait_for_statement(cluster.primary, "COPY tbl_users%")  # its backend starts after this call begins
+    cluster.primary.pause()
+    paused_at = time.monotonic()
+    try:
+        _, stderr = demo.communicate(timeout=60)
+    finally:
+        cluster.primary.resume()
+    seconds = time.monotonic() - paused_at
+
+    assert demo.returncode == 3, stderr
+    [line] = errors_of(stderr)
+    assert line == (
+        "sharding_demo.py: error: lost master-db during the insert: "
+        f"stopped answering (nothing for {STALL} s); nothing was written"
+    )
+    assert seconds < float(STALL) + 3, seconds
+    assert counts_everywhere(cluster) == [before] * 3  # after SIGCONT the server rolled the COPY back
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. SIGTERM and SIGHUP, told as truly as Ctrl-C
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_before_the_commit_says_nothing_was_written(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    demo = start_demo(cluster, "--users", "300000")
+    wait_for_statement(cluster.primary, "COPY tbl_users%")
+    demo.send_signal(signal.SIGTERM)
+    _, stderr = demo.communicate(timeout=60)
+    assert demo.returncode == 143, stderr
+    assert errors_of(stderr) == [
+        "sharding_demo.py: error: interrupted (SIGTERM) before the commit: nothing was written"
+    ]
+    assert counts_everywhere(cluster) == [before] * 3
+
+
+def test_sighup_after_the_commit_says_how_many_users_were_committed(cluster: LocalCluster) -> None:
+    before = counts_everywhere(cluster)[0]
+    for replica in cluster.replicas:  # the demo waits for them, after its commit
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_pause()")
+    demo = start_demo(cluster, "--catchup-timeout", "30")
+    assert wait_until(lambda: count_on(cluster.primary) == before + 5, timeout=60)
+    demo.send_signal(signal.SIGHUP)
+    _, stderr = demo.communicate(timeout=60)
+    assert demo.returncode == 129, stderr
+    [line] = errors_of(stderr)
+    assert line.startswith(
+        "sharding_demo.py: error: interrupted (SIGHUP) after the commit: 5 users were committed"
+    )
+    for replica in cluster.replicas:
+        with connect(replica) as connection:
+            connection.execute("SELECT pg_wal_replay_resume()")
+    assert counts_everywhere(cluster) == [before + 5] * 3
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Every answer checked: a replica promoted between two reads
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_replica_promoted_mid_run_is_refused_and_named(
+    cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A third standby of the primary, which REPLICA_ONE_* points at, so the shared cluster stays whole.
+    extra = cluster.add_standby("replica-extra", free_port_base(1), "replica_extra")
+    original = sharding_demo.partition_contents
+    promoted: list[bool] = []
+
+    def promote_before_the_second_partition(session: Any, partition: Any, show: int) -> Any:
+        if partition.name == "tbl_users_p1" and not promoted:
+            extra.execute("SELECT pg_promote(wait => true)")
+            promoted.append(True)
+        return original(session, partition, show)
+
+    monkeypatch.setattr(sharding_demo, "partition_contents", promote_before_the_second_partition)
+    try:
+        report = run_in_process(env={"REPLICA_ONE_PORT": str(extra.port)}, read_policy="round-robin")
+    finally:
+        extra.stop()
+        cluster.nodes.remove(extra)
+        with connect(cluster.primary) as primary:
+            primary.execute("SELECT pg_drop_replication_slot('replica_extra')")
+
+    assert promoted
+    [skip] = report.skipped
+    assert (skip.replica.service, skip.when) == ("replica-one", "during the reads")
+    assert skip.reason.startswith("was promoted: it is a primary now")
+    assert skip.reason.endswith("its answer was not used")
+    # Every answer used came from a standby: replica-two, or replica-one before its promotion.
+    answers = [report.landing, *report.contents, report.first_user, report.pruning]
+    assert all(answer.server.service in {"replica-one", "replica-two"} for answer in answers)
+    assert all(answer.server.service == "replica-two" for answer in report.contents[1:])
+    assert not report.primary_served_reads
+    assert "no replica left" not in sharding_demo.render_text(report)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Partitions named as the catalog names them
+# ------------------------------------------------------------------------------------------------
+
+
+def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[str, str]:
+    with connect(cluster.primary) as primary:
+        primary.execute(f"DROP DATABASE IF EXISTS {name}")
+        primary.execute(f"CREATE DATABASE {name}")
+    with connect(cluster.primary, dbname=name) as database:
+        for statement in statements:
+            database.execute(statement)
+    return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
+
+
+def test_a_decoy_on_the_search_path_changes_nothing(cluster: LocalCluster, run_in_process: Any) -> None:
+    # tbl_users lives in schema adv, its partitions in public and in hidden (not on the search_path),
+    # and adv.tbl_users_p1, a plain table full of other rows, comes first on the search_path.
+    settings = database_with(
+        cluster,
+        "decoy",
+        "CREATE SCHEMA adv",
+        "CREATE SCHEMA hidden",
+        "CREATE TABLE adv.tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        *(
+            f"CREATE TABLE {'hidden' if n == 2 else 'public'}.tbl_users_p{n} PARTITION OF adv.tbl_users "
+            f"FOR VALUES WITH (MODULUS 4, REMAINDER {n})"
+            for n in range(4)
+        ),
+        "CREATE TABLE adv.tbl_users_p1 (id uuid, first_name varchar(255))",
+        "INSERT INTO adv.tbl_users_p1 SELECT gen_random_uuid(), 'Decoy' FROM generate_series(1, 1000)",
+        "ALTER DATABASE decoy SET search_path = adv, public",
+    )
+    report = run_in_process(env=settings, users=40)
+    with connect(cluster.primary, dbname="decoy") as primary:
+        real = dict(
+            primary.execute(
+                "SELECT tableoid::regclass::text, count(*) FROM adv.tbl_users GROUP BY 1"
+            ).fetchall()
+        )
+    assert {f"{p.schema}.{p.name}" for p in report.primary.partitions} >= {
+        "hidden.tbl_users_p2",
+        "public.tbl_users_p1",
+    }
+    counted = {
+        p.name: answer.value[0] for p, answer in zip(report.primary.partitions, report.contents, strict=True)
+    }
+    assert sum(counted.values()) == sum(real.values()) == 40  # not a single decoy row
+    assert all(name != "Decoy" for answer in report.contents for _, name in answer.value[1])
+    assert report.predicted == report.landing.value[0]
+
+
+def test_a_partition_the_user_may_not_read_is_refused_before_the_insert(cluster: LocalCluster) -> None:
+    settings = database_with(
+        cluster,
+        "unreadable",
+        "CREATE SCHEMA hidden",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 0)",
+        "CREATE TABLE hidden.tbl_users_p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
+        "DROP ROLE IF EXISTS writer",
+        "CREATE ROLE writer LOGIN PASSWORD 'writer'",
+        "GRANT INSERT, SELECT ON tbl_users, tbl_users_p0 TO writer",
+    )
+    writer = {f"{prefix}{field}": value for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
+              for field, value in (("USER", "writer"), ("PASSWORD", "writer"))}  # fmt: skip
+    result = run_demo(cluster, env=settings | writer)
+    assert result.returncode == 5, result.stderr
+    [line] = errors_of(result.stderr)
+    assert "has hidden.tbl_users_p1, a partition that this user may not read" in line
+    assert line.endswith("nothing was written")
+    assert count_on(cluster.primary, "unreadable") == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Bytes that are not text
+# ------------------------------------------------------------------------------------------------
+
+
+def run_with_bytes(cluster: LocalCluster, name: bytes, value: bytes) -> subprocess.CompletedProcess[str]:
+    environment = {
+        key.encode(): item.encode()
+        for key, item in (clean_environment() | cluster.demo_environment()).items()
+    }
+    environment[name] = value
+    return subprocess.run([sys.executable, str(DEMO), "--json"], env=environment, capture_output=True, text=True,
+                          timeout=60, cwd="/", check=False)  # fmt: skip
+
+
+def test_a_primary_password_that_is_not_utf8_is_one_line_and_exit_2(cluster: LocalCluster) -> None:
+    before = count_on(cluster.primary)
+    result = run_with_bytes(cluster, b"MASTER_DB_PASSWORD", b"p\xe4ss")
+    assert result.returncode == 2, result.stderr
+    assert errors_of(result.stderr) == [
+        "sharding_demo.py: error: invalid setting MASTER_DB_PASSWORD is not UTF-8 text (byte 0xe4), "
+        "so it cannot be sent to the server"
+    ]
+    assert count_on(cluster.primary) == before
+
+
+def test_a_replica_password_that_is_not_utf8_leaves_that_replica_out(cluster: LocalCluster) -> None:
+    result = run_with_bytes(cluster, b"REPLICA_ONE_PASSWORD", b"p\xe4ss")
+    assert result.returncode == 0, result.stderr
+    report = sharding_demo.json.loads(result.stdout)
+    [skip] = report["skipped"]
+    assert skip["replica"] == "replica-one"
+    assert (
+        skip["reason"]
+        == "REPLICA_ONE_PASSWORD is not UTF-8 text (byte 0xe4), so it cannot be sent to the server"
+    )
+    assert {partition["read_from"] for partition in report["partitions"]} == {"replica-two"}
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Wording
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mixed_moduli_are_told_per_partition(cluster: LocalCluster) -> None:
+    settings = database_with(
+        cluster,
+        "mixed",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        *(
+            f"CREATE TABLE tbl_users_{name} PARTITION OF tbl_users FOR VALUES WITH (MODULUS {m}, REMAINDER {r})"
+            for name, m, r in [("even", 2, 0), ("m4_r1", 4, 1), ("m8_r3", 8, 3), ("m8_r7", 8, 7)]
+        ),
+    )
+    result = run_demo(cluster, "--users", "20000", "--show", "0", env=settings)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "a partition FOR VALUES WITH (modulus m, remainder r) takes the rows whose hash(id) mod m = r"
+        in result.stdout
+    )
+    assert "(vs even: how far the share is from the partition's even share, 1/modulus)" in result.stdout
+    table = [line.split() for line in result.stdout.splitlines() if line.startswith("  tbl_users_")]
+    shares = {row[0]: float(row[3].rstrip("%")) for row in table}
+    # Evenly filled, each by its own modulus: 1/2, 1/4, 1/8, 1/8 of the rows, give or take.
+    assert abs(shares["tbl_users_even"] - 50) < 2 and abs(shares["tbl_users_m4_r1"] - 25) < 2
+    assert all(abs(float(row[4].rstrip("%"))) < 8 for row in table), table
+
+
+def test_a_cancelled_catalog_query_is_named_as_a_cancel(cluster: LocalCluster) -> None:
+    # A thousand partitions make the check's catalog query take longer than a 1 ms statement_timeout.
+    settings = database_with(
+        cluster,
+        "many",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        "DO $$BEGIN FOR r IN 0..999 LOOP EXECUTE format('CREATE TABLE p%s PARTITION OF tbl_users "
+        "FOR VALUES WITH (MODULUS 1000, REMAINDER %s)', r, r); END LOOP; END$$",
+    )
+    result = run_demo(cluster, env=settings | {"PGOPTIONS": "-c statement_timeout=1"})
+    assert result.returncode == 7, result.stderr
+    [line] = errors_of(result.stderr)
+    assert "cancelled a query of the demo's checks" in line and line.endswith("nothing was written")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Properties: any settings and flags, one line at most, a documented code, nothing half-said
+# ------------------------------------------------------------------------------------------------
+
+DOCUMENTED = {code.value for code in sharding_demo.ExitCode}
+text_values = st.one_of(
+    st.sampled_from(
+        ["", " ", "0", "-1", "1e6", "nan", "inf", "99999999999999999999", "round-robin", "5", "127.0.0.1"]
+    ),
+    st.text(max_size=12),  # non-ASCII too
+    st.binary(max_size=6).map(lambda raw: raw.decode("utf-8", errors="surrogateescape")),  # not UTF-8
+)
+VARIABLES = [
+    "MASTER_DB_PORT", "MASTER_DB_USER", "MASTER_DB_PASSWORD", "MASTER_DB_NAME",
+    "REPLICA_ONE_PORT", "REPLICA_TWO_PASSWORD", "DEMO_CATCHUP_TIMEOUT", "DEMO_CONNECT_TIMEOUT",
+    "DEMO_STALL_TIMEOUT", "DEMO_READ_POLICY", "DEMO_USERS", "DEMO_SHOW", "DEMO_JSON_OUTPUT",
+]  # fmt: skip
+FLAGS = ["--users", "--show", "--read-policy", "--catchup-timeout", "--connect-timeout", "--stall-timeout"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    variables=st.dictionaries(st.sampled_from(VARIABLES), text_values, max_size=3),
+    flags=st.lists(st.tuples(st.sampled_from(FLAGS), text_values), max_size=2),
+    dotenv=st.one_of(
+        st.none(), st.tuples(st.sampled_from(VARIABLES), text_values.map(lambda v: v + "\x00x"))
+    ),
+)
+def test_any_settings_give_one_true_line_and_a_documented_exit(
+    cluster: LocalCluster,
+    tmp_path_factory: pytest.TempPathFactory,
+    variables: dict[str, str],
+    flags: Any,
+    dotenv: Any,
+) -> None:
+    # Keep the runs short: a valid --users or DEMO_USERS above 50 becomes 50.
+    def small(name: str, value: str) -> str:
+        return (
+            "50"
+            if name in ("--users", "DEMO_USERS") and value.strip().isdigit() and int(value) > 50
+            else value
+        )
+
+    folder = tmp_path_factory.mktemp("property")
+    if dotenv is not None:
+        (folder / ".env").write_bytes(f"{dotenv[0]}={dotenv[1]}\n".encode(errors="surrogateescape"))
+    arguments = [part for flag, value in flags for part in (flag, small(flag, value)) if "\x00" not in value]
+    environment = clean_environment() | cluster.demo_environment() | {"DEMO_STALL_TIMEOUT": "5"}
+    environment |= {name: small(name, value) for name, value in variables.items() if "\x00" not in value}
+    encoded = {
+        k.encode(errors="surrogateescape"): v.encode(errors="surrogateescape") for k, v in environment.items()
+    }
+    before = count_on(cluster.primary)
+    result = subprocess.run([sys.executable, str(DEMO), *arguments], env=encoded, cwd=folder, capture_output=True,
+                            timeout=120, check=False, errors="surrogateescape")  # fmt: skip
+
+    assert result.returncode in DOCUMENTED, result.stderr
+    errors = errors_of(result.stderr)
+    assert bool(errors) == (result.returncode != 0), result.stderr
+    committed = result.returncode == 0 or any("were committed" in line for line in errors)
+    if not committed:
+        assert count_on(cluster.primary) == before, result.stderr
+    for replica in cluster.replicas:  # a run may have paused nothing, but keep the cluster whole
+        assert wait_until(lambda replica=replica: count_on(replica) == count_on(cluster.primary), timeout=30)
