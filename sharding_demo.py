@@ -1,10 +1,12 @@
-"""sharding_demo.py: hash partitioning and read/write splitting with PostgreSQL, in one script.
+"""sharding_demo.py: hash partitioning, read/write splitting and sharding with PostgreSQL, in one script.
 
 A *primary* ("master-db") takes the writes. Two *hot standbys* ("replica-one", "replica-two")
 receive its write-ahead log (WAL) by streaming replication, replay it and answer reads. The table
 ``tbl_users`` is *hash partitioned* four ways: the server puts each row in the partition
-``tbl_users_p0`` .. ``tbl_users_p3`` whose remainder equals hash(id) mod 4, and a query that
-filters on the id reads that one partition. The replicas hold the same rows: this is not sharding.
+``tbl_users_p0`` .. ``tbl_users_p3`` whose remainder equals hash(id) mod 4, and a query that filters
+on the id reads that one partition. In the default layout every server holds every row. In the
+sharded one (docs/sharding.md), master-db is a *coordinator*: its partitions are foreign tables on
+two *shards*, so each row is stored on one shard only. The same code runs on both.
 
 The lesson: the settings and the model, ``run()`` (the story, in seven steps) and ``main()``, then
 one section per step, down to "The lesson ends here". Below it are appendices: A, how the demo
@@ -88,6 +90,18 @@ class ReplicaTwoSettings(DatabaseSettings):
     port: int = Field(default=5434, ge=1, le=65535)
 
 
+class ShardOneSettings(DatabaseSettings):  # used only when a partition is stored on shard-one
+    model_config = SettingsConfigDict(env_prefix="SHARD_ONE_", env_file=".env", extra="ignore")
+    service = "shard-one"
+    port: int = Field(default=5435, ge=1, le=65535)
+
+
+class ShardTwoSettings(DatabaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARD_TWO_", env_file=".env", extra="ignore")
+    service = "shard-two"
+    port: int = Field(default=5436, ge=1, le=65535)
+
+
 class DemoSettings(BaseSettings):
     """How the demo behaves. Each field is a variable (DEMO_CATCHUP_TIMEOUT) and a flag
     (--catchup-timeout, which wins): appendix E makes the flags from these fields."""
@@ -107,7 +121,7 @@ class DemoSettings(BaseSettings):
 
     @field_validator("read_policy", mode="before")
     @classmethod
-    def strip(cls, value: Any) -> Any:  # " round-robin" from a sloppy .env line means "round-robin"
+    def strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
 
 
@@ -123,7 +137,7 @@ class Base(DeclarativeBase):
 
 
 class User(Base):
-    """A row of tbl_users. The application never names a partition: the server routes each row."""
+    """A row of tbl_users. The application never names a partition, nor a shard: the server routes."""
 
     __tablename__ = "tbl_users"
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
@@ -153,33 +167,43 @@ def run(settings: DemoSettings) -> Report:
     ]
 
     # 2. engines, with every connection watched, so that no wait lasts for ever; then, before
-    #    anything is written, check the primary and read how tbl_users is partitioned
+    #    anything is written, check the primary, read how tbl_users is partitioned, and check the
+    #    shards that hold its partitions, if any (the sharded layout)
     watchdog = Watchdog(settings.stall_timeout)
     primary, *replicas = [make_server(each, settings.connect_timeout, watchdog) for each in server_settings]
+    shards: list[Server] = []
     try:
         facts = check_primary(primary)
+        shards = [make_server(load_settings(each), settings.connect_timeout, watchdog) for each in
+                  (ShardOneSettings, ShardTwoSettings) if each.service in facts.shards]  # fmt: skip
+        for shard in shards:
+            check_shard(shard, facts)
 
         # 3. routing: writes to the primary, reads to the replicas that really are its standbys
         router = ReadWriteRouter(primary, replicas, settings.read_policy, facts)
 
         # 4. write: make the users (ids made in Python), predict each one's partition (appendix
         #    A), insert them all in one transaction on the primary, and commit
-        if settings.users <= 100:
-            models = [User(first_name=user_name(number)) for number in range(settings.users)]
-            ids = [model.id.bytes for model in models]
-            predicted = Counter(predict_partition(id_bytes, facts.partitions).oid for id_bytes in ids)
-            written = commit(primary, len(models), "ORM", lambda session: session.add_all(models))
-        else:  # the ORM is the path to read, and the wrong one for a million rows: appendix B
-            ids, predicted, written = insert_many_users(primary, settings.users, facts.partitions)
+        try:
+            if settings.users <= 100:
+                models = [User(first_name=user_name(number)) for number in range(settings.users)]
+                ids = [model.id.bytes for model in models]
+                predicted = Counter(predict_partition(id_bytes, facts.partitions).oid for id_bytes in ids)
+                written = commit(primary, len(models), "ORM", lambda session: session.add_all(models))
+            else:  # the ORM is the path to read, and the wrong one for a million rows: appendix B
+                ids, predicted, written = insert_many_users(primary, settings.users, facts.partitions)
+        except CommitRefused as refused:  # with shards, some may have committed: appendix D counts
+            raise refused.explained(shards, ids) from None
 
         # From here on, this run's users are in the table: a failure must say so (appendix D).
         try:
             # 5. wait until the replicas have replayed the commit; read from the ones that did
             catchup = wait_for_replicas(router, written.commit_lsn, settings.catchup_timeout)
 
-            # 6. read back: where each user landed, each partition, the first user, and which
-            #    partitions a query reads
+            # 6. read back: where each user landed (through the replicas, and on each shard
+            #    itself), each partition, the first user, and which partitions a query reads
             landing = router.read(lambda session: where_users_landed(session, ids, settings.show))
+            on_shards = {shard.service: users_on_shard(shard, ids) for shard in shards}
             contents = [router.read(lambda session, p=p: partition_contents(session, p, settings.show))
                         for p in facts.partitions]  # fmt: skip
             first_user = router.read(
@@ -190,10 +214,10 @@ def run(settings: DemoSettings) -> Report:
             raise failure_after_commit(written, error) from None
 
         # 7. report: everything above, in one value
-        return Report(facts, written, catchup, ids, predicted, landing, contents, first_user,
+        return Report(facts, written, catchup, ids, predicted, landing, on_shards, contents, first_user,
                       pruning, settings.show, router.skipped)  # fmt: skip
     finally:
-        for server in [primary, *replicas]:
+        for server in [primary, *replicas, *shards]:
             server.engine.dispose()
 
 
@@ -226,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# ======== Step 2. Engines, and the check of the primary before anything is written ==============
+# ======== Step 2. Engines, and the checks before anything is written ============================
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,8 +318,14 @@ class Watchdog:
                         self.watched[connection] = (server, None)
                     elif busy_since is None:
                         self.watched[connection] = (server, now)
-                    elif now > self.deadline or now - max(busy_since, self.last_progress) > self.stall_timeout:
-                        why = f"nothing for {self.stall_timeout:g} s" if now <= self.deadline else "nothing by the deadline"
+                    elif (
+                        now > self.deadline or now - max(busy_since, self.last_progress) > self.stall_timeout
+                    ):
+                        why = (
+                            f"nothing for {self.stall_timeout:g} s"
+                            if now <= self.deadline
+                            else "nothing by the deadline"
+                        )
                         self.gave_up_on[server.service] = f"stopped answering ({why})"
                         del self.watched[connection]
                         with socket.socket(fileno=os.dup(connection.fileno())) as sock:
@@ -312,6 +342,7 @@ class Partition:
     modulus: int
     remainder: int
     bound: str  # as pg_get_expr writes it: "FOR VALUES WITH (modulus 4, remainder 0)"
+    shard: str | None  # the shard that stores it, if it is a foreign table there, e.g. "shard-one"
 
 
 @dataclass(frozen=True)
@@ -319,6 +350,10 @@ class PrimaryFacts:
     version: str
     identity: tuple[bool, int, datetime]  # its answer to IDENTITY
     partitions: list[Partition]
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted({partition.shard for partition in self.partitions if partition.shard})
 
 
 # Who a server is: a standby (in recovery) or not; of which cluster (initdb made the system
@@ -329,9 +364,10 @@ IDENTITY = (
 
 
 def check_primary(primary: Server) -> PrimaryFacts:
-    """Is the primary reachable and a primary, and how is tbl_users partitioned (pg_inherits links
-    each partition to it)? The demo predicts rows only for hash on id, into plain tables it may read,
-    covering every remainder; it refuses any other layout before writing (appendix D)."""
+    """Is the primary reachable and a primary, and how is tbl_users partitioned? pg_inherits links
+    each partition to it; pg_foreign_table says on which foreign server (postgres_fdw) a partition
+    is stored. The demo predicts rows for hash on id into plain tables, or foreign tables on one of
+    its shards, that it may read and that cover every remainder; it refuses any other layout."""
     try:
         with primary.engine.connect() as connection:
             version = connection.scalar(text("SHOW server_version"))
@@ -340,10 +376,12 @@ def check_primary(primary: Server) -> PrimaryFacts:
                 text(
                     """
                     SELECT c.oid, n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid),
-                           c.relkind, has_table_privilege(c.oid, 'SELECT') AND has_schema_privilege(n.oid, 'USAGE'),
-                           pg_get_partkeydef(i.inhparent)
+                           replace(s.srvname, '_', '-'), c.relkind, pg_get_partkeydef(i.inhparent),
+                           has_table_privilege(c.oid, 'SELECT') AND has_schema_privilege(n.oid, 'USAGE')
                     FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
                     JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                    LEFT JOIN pg_foreign_table AS f ON f.ftrelid = c.oid
+                    LEFT JOIN pg_foreign_server AS s ON s.oid = f.ftserver
                     WHERE i.inhparent = to_regclass('tbl_users') ORDER BY c.relname
                     """
                 )
@@ -351,15 +389,37 @@ def check_primary(primary: Server) -> PrimaryFacts:
     except DATABASE_ERRORS as error:
         raise primary_failed(primary, error) from None
     partitions = []
-    for oid, schema, name, bound, *kind_readable_key in rows:
+    for oid, schema, name, bound, shard, *kind_key_readable in rows:
         match = re.fullmatch(r"FOR VALUES WITH \(modulus (\d+), remainder (\d+)\)", bound)
-        if kind_readable_key != ["r", True, "HASH (id)"] or match is None:  # relkind r: a plain table
-            raise unusable_partition(primary, f"{schema}.{name}", *kind_readable_key)
-        partitions.append(Partition(oid, schema, name, int(match[1]), int(match[2]), bound))
+        plain_or_on_a_shard = ["r", "HASH (id)", True] if shard is None else ["f", "HASH (id)", True]
+        if (
+            kind_key_readable != plain_or_on_a_shard
+            or match is None
+            or shard not in (None, "shard-one", "shard-two")
+        ):
+            raise unusable_partition(primary, f"{schema}.{name}", shard, *kind_key_readable)
+        partitions.append(Partition(oid, schema, name, int(match[1]), int(match[2]), bound, shard))
     facts = PrimaryFacts(str(version), identity, partitions)  # type: ignore[arg-type]
     if identity[0] or not partitions or uncovered_remainders(partitions):
         raise unusable_primary(primary, facts)
     return facts
+
+
+def check_shard(shard: Server, facts: PrimaryFacts) -> None:
+    """Before the write: a shard that is down, or lacks its tables, stops the run, and nothing is
+    written on any shard (the coordinator's transaction would fail as a whole)."""
+    names = [partition.name for partition in facts.partitions if partition.shard == shard.service]
+    try:
+        with shard.engine.connect() as connection:
+            missing = [
+                name
+                for name in names
+                if connection.scalar(text("SELECT to_regclass(:t)"), {"t": name}) is None
+            ]
+    except DATABASE_ERRORS as error:
+        raise shard_failed(shard, names, error) from None
+    if missing:
+        raise shard_failed(shard, missing, None)
 
 
 # ======== Step 3. Routing =======================================================================
@@ -424,7 +484,7 @@ class ReadWriteRouter:
                     result = work(session)
                     identity = session.execute(text(IDENTITY)).one()  # who answered, in the same transaction
             except DATABASE_ERRORS as error:
-                if server is self.primary:
+                if server is self.primary or answered(error):  # an error it answered, say from a shard
                     raise
                 self.leave_out(server, replica_failure(server, error), when="during the reads")
                 continue
@@ -448,7 +508,8 @@ class Written:
 def commit(primary: Server, users: int, method: str, write: Callable[[Session], None]) -> Written:
     """Run `write` in one transaction on the primary, commit, and note where the commit is in the
     WAL. Until the COMMIT a failure rolls everything back; after it the users are in the table; a
-    failure *during* it leaves the outcome unknown. Each failure says which (appendix D)."""
+    failure *during* it says what it knows (appendix D). PostgreSQL has no two-phase commit through
+    postgres_fdw: if one shard refuses the COMMIT, another may have committed already."""
     stage = "before"
     with Session(primary.engine) as session:
         try:
@@ -506,10 +567,12 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
     return caught_up
 
 
-# ======== Step 6. Read back from the replicas ===================================================
+# ======== Step 6. Read back from the replicas, and from the shards ==============================
 
 
-def where_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tuple[Counter[int], dict[int, int]]:
+def where_users_landed(
+    session: Session, ids: Sequence[bytes], show: int
+) -> tuple[Counter[int], dict[int, int]]:
     """Where the server put this run's users: how many in each partition (by oid), and the partition
     of each of the first `show`. tableoid is the oid of the table a row is stored in. Our ids were
     made in increasing order, so one query lists the rows from our first id to our last, in id
@@ -531,6 +594,19 @@ def where_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tup
                 shown[ours] = partition_oid
             ours += 1
     return counts, shown
+
+
+def users_on_shard(shard: Server, ids: Sequence[bytes]) -> Counter[str]:
+    """The proof of sharding: this run's users that the shard itself stores, per partition, read on
+    the shard directly (not through master-db). The shard's own tbl_users holds its partitions."""
+    with Session(shard.engine) as session:
+        counts, _ = where_users_landed(session, ids, 0)
+        names = dict(
+            session.execute(
+                text("SELECT oid, relname FROM pg_class WHERE oid = ANY(:o)"), {"o": list(counts)}
+            ).all()
+        )
+    return Counter({names[oid]: count for oid, count in counts.items()})
 
 
 def partition_contents(session: Session, partition: Partition, show: int) -> tuple[int, list[Any]]:
@@ -569,7 +645,7 @@ def tables_read_by_queries(session: Session, id_bytes: bytes) -> tuple[list[str]
 
 
 def scanned_tables(plan: dict[str, Any]) -> list[str]:
-    """The tables a plan reads: its nodes that name a relation, from the top down."""
+    """The tables a plan reads: its nodes that name a relation (a Seq, Index or Foreign Scan)."""
     found = [f"{plan['Schema']}.{plan['Relation Name']}"] if "Relation Name" in plan else []
     return found + [name for child in plan.get("Plans", []) for name in scanned_tables(child)]
 
@@ -584,7 +660,10 @@ class Report:
     catchup: dict[str, float]  # seconds each replica took to replay the commit
     ids: Sequence[bytes]  # this run's users' ids: user number n's is ids[n]
     predicted: Counter[int]  # this run's users per partition oid, predicted in Python
-    landing: Answer[tuple[Counter[int], dict[int, int]]]  # users per partition oid; the first ones' partitions
+    landing: Answer[
+        tuple[Counter[int], dict[int, int]]
+    ]  # users per partition oid; the first ones' partitions
+    on_shards: dict[str, Counter[str]]  # this run's users that each shard stores, per partition
     contents: list[Answer[tuple[int, list[Any]]]]  # per partition: its count, and its first rows
     first_user: Answer[User | None]
     pruning: Answer[tuple[list[str], list[str]]]  # the tables read with, and without, the key
@@ -600,46 +679,55 @@ class Report:
 
     @property
     def primary_served_reads(self) -> bool:
-        return any(
-            answer.server is self.written.primary
-            for answer in [self.landing, *self.contents, self.first_user]
-        )
+        answers = [self.landing, *self.contents, self.first_user, self.pruning]
+        return any(answer.server is self.written.primary for answer in answers)
 
 
 def render_text(report: Report) -> str:
-    written, primary = report.written, report.written.primary
+    written, primary, partitions = report.written, report.written.primary, report.primary.partitions
 
     def where(server: Server) -> str:  # "replica-one 127.0.0.1:5433, standby, in recovery"
-        role = "primary, not in recovery" if server is primary else "standby, in recovery"
-        return f"{server.service} {server.address}, {role}"
+        return f"{server.service} {server.address}, " + (
+            "primary, not in recovery" if server is primary else "standby, in recovery"
+        )
 
-    lines = [
-        f"PostgreSQL {report.primary.version}",
-        "tbl_users is hash partitioned: a partition FOR VALUES WITH (modulus m, remainder r) takes the"
-        " rows whose hash(id) mod m = r.",
-        "",
-        f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
-        f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have replayed it,",
-        "so the demo waits for them, and then reads from those that did (read-your-writes):",
-    ]
+    def stored(partition: Partition) -> str:
+        return f" on {partition.shard}" if partition.shard else ""
+
     waits = {name: f"caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()}
     for skip in report.skipped:
         if skip.when == "waited for":
             waits[f"{skip.replica.service} ({skip.replica.address})"] = (
                 f"{skip.reason}: left out of the reads"
             )
-    lines += [f"  {replica}: {outcome}" for replica, outcome in sorted(waits.items())]
-    lines += [
+    lines = [
+        f"PostgreSQL {report.primary.version}",
+        "tbl_users is hash partitioned: a partition FOR VALUES WITH (modulus m, remainder r) takes the rows",
+        "whose hash(id) mod m = r."
+        + (" Its partitions are foreign tables on the shards." if report.on_shards else ""),
+        "",
+        f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
+        f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have replayed it,",
+        "so the demo waits for them, and then reads from those that did (read-your-writes):",
+        *[f"  {replica}: {outcome}" for replica, outcome in sorted(waits.items())],
         "",
         "Each new user: the partition predicted in Python before the insert -> where the server put it",
         f"(tableoid, read from {where(report.landing.server)}):",
     ]
     for number, predicted, actual in report.new_users():
-        verdict = "ok" if actual == predicted else "MISMATCH"
-        moved = f"{predicted.name} -> {actual.name if actual else 'not found'}"
-        lines.append(f"  {user_name(number):<12} {uuid.UUID(bytes=report.ids[number])}  {moved}  {verdict}")
+        verdict, moved = "ok" if actual == predicted else "MISMATCH", f"{predicted.name}{stored(predicted)}"
+        lines.append(f"  {user_name(number):<12} {uuid.UUID(bytes=report.ids[number])}  {moved} -> "
+                     f"{actual.name + stored(actual) if actual else 'not found'}  {verdict}")  # fmt: skip
     if written.users > report.show:
         lines += [f"  ... and {written.users - report.show:,} more", *landing_table(report)]  # appendix B
+    if report.on_shards:
+        lines += [
+            "",
+            "Read on each shard itself (not through master-db): this run's users it stores, by partition:",
+        ]
+        lines += [f"  {shard}: {', '.join(f'{name} {count:,}' for name, count in sorted(held.items())) or 'none'}"
+                  for shard, held in report.on_shards.items()]  # fmt: skip
+        lines.append(f"  as predicted, and on no other shard: {on_shards_as_predicted(report)}")  # appendix B
 
     by_id, by_name = report.pruning.value
     lines += [
@@ -648,12 +736,15 @@ def render_text(report: Report) -> str:
         f"  WHERE id = <{user_name(0)}'s id> reads {', '.join(by_id)}",
         f"  WHERE first_name = '{user_name(0)}' reads {', '.join(by_name)}",
         "",
-        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every run's,"
-        f" this run's {written.users:,} included. (To start afresh: TRUNCATE tbl_users on the primary.)",
+        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every run's, this run's",
+        f"{written.users:,} included. (To start afresh: TRUNCATE tbl_users on the primary.)",
     ]
-    for partition, answer in zip(report.primary.partitions, report.contents, strict=True):
+    for partition, answer in zip(partitions, report.contents, strict=True):
         count, rows = answer.value
-        lines += ["", f"Partition {partition.name}: {count:,} record{'' if count == 1 else 's'}"]
+        lines += [
+            "",
+            f"Partition {partition.name}: {count:,} record{'' if count == 1 else 's'}{stored(partition)}",
+        ]
         lines.append(f"  {partition.bound}; read from {where(answer.server)}")
         lines += [f"  - {first_name} (ID: {user_id})" for user_id, first_name in rows]
         lines += [f"  ... and {count - len(rows):,} more"] if count > len(rows) else []
@@ -682,7 +773,7 @@ def render_text(report: Report) -> str:
 
 # ================================================================================================
 # The lesson ends here. Appendix A is the one place it sends you; B to E run only when their case
-# arises: more than 100 users, --json, a failure, flags, a .env file.
+# arises: more than 100 users, --json, a failure, flags, a .env file, a sharded layout.
 # ================================================================================================
 
 
@@ -884,6 +975,17 @@ def insert_many_users(
     return ids, predicted, commit(primary, count, "COPY", copy_rows)
 
 
+def on_shards_as_predicted(report: Report) -> str:
+    """Does each shard store exactly the users predicted for its partitions, and no others?"""
+    wrong = []
+    for partition in report.primary.partitions:
+        for shard, held in report.on_shards.items():
+            expected = report.predicted[partition.oid] if shard == partition.shard else 0
+            if held.get(partition.name, 0) != expected:
+                wrong.append(f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}")
+    return "yes" if not wrong else "MISMATCH: " + "; ".join(wrong)
+
+
 def progress_printer(total: int, verb: str) -> Callable[[int], None]:
     """For 100,000 users or more, say on stderr every 10% how far a step is ("loaded 300,000 of
     1,000,000 users"), so that a long wait visibly moves and stdout stays the report."""
@@ -956,6 +1058,8 @@ def print_json(report: Report) -> None:
             partition_json(partition, answer, landed[partition.oid], report)
             for partition, answer in zip(report.primary.partitions, report.contents, strict=True)
         ],
+        # Read on each shard directly: this run's users it stores, per partition (sharded layout only).
+        "on_shards": {shard: dict(sorted(held.items())) for shard, held in report.on_shards.items()},
         "pruning": {
             "by_id": report.pruning.value[0],
             "without_key": report.pruning.value[1],
@@ -989,6 +1093,7 @@ def partition_json(partition: Partition, answer: Answer[Any], landed: int, repor
     return {
         "name": partition.name,
         "schema": partition.schema,
+        "stored_on": partition.shard,  # the shard of a foreign-table partition; None: on master-db itself
         "bound": partition.bound,
         "modulus": partition.modulus,
         "remainder": partition.remainder,
@@ -1055,6 +1160,8 @@ class ExitCode(IntEnum):
     COMMIT_UNKNOWN = 8, "the primary was lost during the COMMIT: whether the users were written is unknown"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
+    SHARD_DOWN = 9, "a shard cannot be reached (or lacks its tables) before the insert: nothing was written"
+    PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     STDOUT_CLOSED = 141, "stdout was closed before the report was printed, as with `| head`"
     SIGTERM = 143, "SIGTERM (timeout, systemd, docker stop): the message says whether anything was committed"
 
@@ -1103,6 +1210,58 @@ def output_failed(report: Report, error: BaseException) -> int:
     # Point stdout at /dev/null, so that Python's own flush at exit does not fail a second time.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return ExitCode.STDOUT_CLOSED
+
+
+# The SQLSTATE classes a server answers a new connection with (a login refused, no such database,
+# too many connections, starting up or shutting down), as opposed to an answer to a statement.
+CONNECTING = ("28", "3D", "53", "57P", "08004")
+
+
+def answered(error: BaseException) -> bool:
+    """Did the server answer with an error and stay connected (not: it went away, we cut it off, or it
+    refused a new connection)? An error from a shard, passed on by master-db, is such an answer."""
+    code = sqlstate(error)
+    invalidated = isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
+    return code is not None and not invalidated and not code.startswith(CONNECTING)
+
+
+class CommitRefused(DemoError):
+    """The server answered the COMMIT with an error. On one server that rolls the transaction back. A
+    coordinator commits on each shard in turn (postgres_fdw has no two-phase commit), so one shard
+    may have committed before another refused: then the shards say who kept what."""
+
+    def __init__(self, primary: Server, users: int, error: BaseException) -> None:
+        self.primary, self.users, self.reason = primary, users, one_line(error)
+        super().__init__(f"{primary.service} refused the COMMIT: {self.reason}; the transaction was rolled back: "
+                         "nothing was written", ExitCode.REFUSED)  # fmt: skip
+
+    def explained(self, shards: Sequence[Server], ids: Sequence[bytes]) -> DemoError:
+        if not shards:
+            return self
+        kept = {}
+        for shard in shards:
+            try:
+                kept[shard.service] = f"{sum(users_on_shard(shard, ids).values()):,}"
+            except DATABASE_ERRORS as error:
+                kept[shard.service] = f"an unknown number ({cause(shard, error)})"
+        if all(count == "0" for count in kept.values()):
+            return DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
+        return DemoError(
+            f"{self.primary.service} refused the COMMIT: {self.reason}; partly committed, as read on each shard: "
+            + ", ".join(f"{shard} kept {count} of this run's {self.users:,} users" for shard, count in kept.items())
+            + "; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them",
+            ExitCode.PARTLY_COMMITTED,
+        )
+
+
+def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
+    prefix = shard.settings.model_config.get("env_prefix")
+    if error is None:
+        what = f"has no table {', '.join(names)}: check {prefix}HOST and {prefix}PORT"
+    else:
+        what = replica_failure(shard, error)
+    return DemoError(f"{shard.service} ({shard.address}), which stores {', '.join(names)} for master-db, {what}; "
+                     "nothing was written on any shard", ExitCode.SHARD_DOWN)  # fmt: skip
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -1166,12 +1325,14 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
     return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
 
-def unusable_partition(primary: Server, name: str, kind: str, readable: bool, key: str | None) -> DemoError:
+def unusable_partition(primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool) -> DemoError:
     where = f"{primary.service} ({primary.address})"
     if key != "HASH (id)":
         what = f"has tbl_users partitioned by {key}"
-    elif kind != "r":
-        what = f"has {name}, a partition that is not a plain table (relkind {kind})"
+    elif kind not in ("r", "f"):
+        what = f"has {name}, a partition that is not a plain or a foreign table (relkind {kind})"
+    elif kind == "f" and shard not in ("shard-one", "shard-two"):
+        what = f"has {name}, a foreign table on a server that is not one of the demo's shards ({shard})"
     elif not readable:
         what = f"has {name}, a partition that this user may not read (SELECT on it, USAGE on its schema)"
     else:
@@ -1181,7 +1342,7 @@ def unusable_partition(primary: Server, name: str, kind: str, readable: bool, ke
 
 LAYOUT_THE_DEMO_KNOWS = (
     "the demo predicts where rows land only in tbl_users PARTITION BY HASH (id), split into plain tables "
-    "that cover every remainder, as init-master.sql makes it"
+    "(or foreign tables on shard-one and shard-two) that cover every remainder, as init-master.sql makes it"
 )
 
 
@@ -1249,6 +1410,8 @@ def failure_of_the_write(
     """Before the COMMIT nothing was written; during it the outcome is unknown; after it, say what was."""
     if stage == "after":
         return failure_after_commit(Written(users, method, primary, "unknown"), error)
+    if stage == "during" and answered(error):  # the server said no to the COMMIT itself
+        return CommitRefused(primary, users, error)
     if stage == "during":
         what = (
             interrupted(error, "during the COMMIT")
@@ -1262,11 +1425,7 @@ def failure_of_the_write(
     if sqlstate(error) == "57014":
         return DemoError(f"{primary.service} cancelled the insert (a statement_timeout, or a cancel request): "
                          f"{one_line(error)}; nothing was written", ExitCode.REFUSED)  # fmt: skip
-    if (
-        primary.service in primary.watchdog.gave_up_on
-        or sqlstate(error) is None
-        or sqlstate(error).startswith(("57P", "08"))
-    ):
+    if not answered(error):
         return DemoError(f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written",
                          ExitCode.PRIMARY_LOST)  # fmt: skip
     return DemoError(
@@ -1280,7 +1439,11 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     if isinstance(error, KeyboardInterrupt):
         return DemoError(interrupted(error, f"after the commit: {committed(written)}"), exit_code_of(error))
     primary = written.primary
-    what = f"{primary.service} {cause(primary, error)}" if primary.service in primary.watchdog.gave_up_on else one_line(error)
+    what = (
+        f"{primary.service} {cause(primary, error)}"
+        if primary.service in primary.watchdog.gave_up_on
+        else one_line(error)
+    )
     return DemoError(f"failed after the commit: {what}; {committed(written)}", ExitCode.AFTER_COMMIT)
 
 

@@ -1,0 +1,307 @@
+"""The sharded layout: master-db coordinates two shards through postgres_fdw.
+
+A real coordinator, its two real streaming replicas, and two real shards, started by
+`local_cluster.py --sharded` with the same files as `docker compose --profile sharded`. Every row's
+place is read on the shard itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from conftest import PROJECT_DIR, clean_environment, run_demo, wait_until
+from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base
+
+COORDINATOR_PASSWORD = "coordinator-secret-7b1f"  # so that the tests can look for it in every log
+
+
+@pytest.fixture(scope="module")
+def sharded() -> Iterator[LocalCluster]:
+    os.environ["COORDINATOR_PASSWORD"] = COORDINATOR_PASSWORD
+    try:
+        with LocalCluster(port_base=free_port_base(), sharded=True) as cluster:
+            yield cluster
+    finally:
+        del os.environ["COORDINATOR_PASSWORD"]
+
+
+def tcp(
+    node: PostgresNode, user: str = "postgres", password: str = DEFAULT_PASSWORD
+) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host="127.0.0.1", port=node.port, user=user, password=password, dbname="postgres", autocommit=True
+    )
+
+
+def ids_on(node: PostgresNode) -> dict[str, str]:
+    """Every row the server itself stores in tbl_users: id -> partition (on a shard: its own table)."""
+    with tcp(node) as connection:
+        rows = connection.execute("SELECT id::text, tableoid::regclass::text FROM tbl_users").fetchall()
+    return {str(user_id): str(name) for user_id, name in rows}
+
+
+def shard_of(sharded: LocalCluster, name: str) -> PostgresNode:
+    return next(node for node in sharded.shards if node.name == name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The layout
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_coordinator_s_partitions_are_foreign_tables_on_the_shards(sharded: LocalCluster) -> None:
+    for node in [sharded.primary, *sharded.replicas]:  # the replicas have the same, by replication
+        rows = node.query(
+            """
+            SELECT c.relname, c.relkind, s.srvname, pg_get_expr(c.relpartbound, c.oid)
+            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            JOIN pg_foreign_table f ON f.ftrelid = c.oid JOIN pg_foreign_server s ON s.oid = f.ftserver
+            WHERE i.inhparent = 'tbl_users'::regclass ORDER BY 1
+            """
+        )
+        assert rows == [
+            (f"tbl_users_p{n}", "f", "shard_one" if n % 2 == 0 else "shard_two",
+             f"FOR VALUES WITH (modulus 4, remainder {n})")
+            for n in range(4)
+        ], node.name  # fmt: skip
+    # A unique index cannot span foreign tables: the parent has no primary key...
+    assert sharded.primary.query("SELECT count(*) FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [
+        (0,)
+    ]
+    # ...and each shard's own does the job: equal ids hash to the same partition, so to one shard.
+    for shard, names in (
+        ("shard-one", ["tbl_users_p0", "tbl_users_p2"]),
+        ("shard-two", ["tbl_users_p1", "tbl_users_p3"]),
+    ):
+        node = shard_of(sharded, shard)
+        assert [row[0] for row in node.query("SELECT relname FROM pg_inherits JOIN pg_class ON oid = inhrelid "
+                                             "WHERE inhparent = 'tbl_users'::regclass ORDER BY 1")] == names  # fmt: skip
+        assert node.query("SELECT indisprimary FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [
+            (True,)
+        ]
+
+
+def test_the_coordinator_logs_in_to_the_shards_with_a_role_of_its_own(sharded: LocalCluster) -> None:
+    mapping = sharded.primary.query(
+        "SELECT srvname, umuser, umoptions FROM pg_user_mappings ORDER BY srvname"
+    )
+    assert [(server, user) for server, user, _ in mapping] == [("shard_one", 0), ("shard_two", 0)]  # PUBLIC
+    assert all("user=coordinator" in options for _, _, options in mapping)  # type: ignore[operator]
+    for shard in sharded.shards:
+        assert shard.query("SELECT rolsuper, rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
+                           "WHERE rolname = 'coordinator'") == [(False, True, True)]  # fmt: skip
+        # over TCP, with scram-sha-256, as pg_hba.conf says; a wrong password is refused
+        with tcp(shard, "coordinator", COORDINATOR_PASSWORD) as connection:
+            assert connection.execute("SELECT current_user").fetchone() == ("coordinator",)
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            tcp(shard, "coordinator", "wrong")
+
+
+def test_a_row_sent_to_the_wrong_shard_is_refused_there(sharded: LocalCluster) -> None:
+    # Find an id whose hash sends it to tbl_users_p1 (shard-two), and try to store it on shard-one.
+    with tcp(sharded.primary) as connection:
+        user_id = next(
+            candidate
+            for candidate in (uuid.uuid4() for _ in range(100))
+            if connection.execute(
+                "SELECT satisfies_hash_partition('tbl_users'::regclass, 4, 1, %s::uuid)", [candidate]
+            ).fetchone()
+            == (True,)  # fmt: skip
+        )
+    with tcp(shard_of(sharded, "shard-one")) as connection:
+        with pytest.raises(psycopg.errors.CheckViolation, match="violates partition constraint"):
+            connection.execute("INSERT INTO tbl_users_p0 VALUES (%s, 'Wrong')", [user_id])
+        with pytest.raises(psycopg.errors.CheckViolation, match="no partition of relation"):
+            connection.execute("INSERT INTO tbl_users VALUES (%s, 'Wrong')", [user_id])
+
+
+# ------------------------------------------------------------------------------------------------
+# The same demo, the same code: every row proven on its shard
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("users", [5, 20_000])
+def test_every_row_is_on_its_predicted_shard_and_on_no_other(sharded: LocalCluster, users: int) -> None:
+    result = run_demo(sharded, "--json", "--users", str(users), "--show", "5")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    on_shard = {shard.name: ids_on(shard) for shard in sharded.shards}  # read here, on each shard
+    partitions = {partition["name"]: partition for partition in report["partitions"]}
+    assert {name: p["stored_on"] for name, p in partitions.items()} == {
+        "tbl_users_p0": "shard-one", "tbl_users_p1": "shard-two",
+        "tbl_users_p2": "shard-one", "tbl_users_p3": "shard-two",
+    }  # fmt: skip
+    for user in report["inserted"]:
+        home = partitions[user["predicted_partition"]]["stored_on"]
+        assert on_shard[home][user["id"]] == user["predicted_partition"] == user["actual_partition"]
+        assert all(user["id"] not in rows for shard, rows in on_shard.items() if shard != home)
+    # Every one of this run's users, counted on the shards themselves, where predicted.
+    for name, partition in partitions.items():
+        assert (
+            report["on_shards"][partition["stored_on"]].get(name, 0)
+            == partition["predicted"]
+            == partition["actual"]
+        )
+    assert sum(partition["actual"] for partition in partitions.values()) == users
+    assert all(partition["in_recovery"] for partition in partitions.values())  # read through the replicas
+    assert report["pruning"]["by_id"] == [f"public.{report['inserted'][0]['predicted_partition']}"]
+
+
+def test_the_text_report_says_where_each_partition_is_stored(sharded: LocalCluster) -> None:
+    result = run_demo(sharded)
+    assert result.returncode == 0, result.stderr
+    assert "Partition tbl_users_p0: " in result.stdout and " on shard-one\n" in result.stdout
+    assert "  as predicted, and on no other shard: yes" in result.stdout
+    assert result.stderr == ""
+
+
+def test_no_password_appears_in_any_log(sharded: LocalCluster) -> None:
+    run_demo(sharded)
+    for node in sharded.nodes:
+        assert COORDINATOR_PASSWORD not in node.log_text(), node.name
+
+
+# ------------------------------------------------------------------------------------------------
+# The limits, live
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluster) -> None:
+    shard_two = shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    # A deferred constraint trigger: shard-two refuses its rows only at COMMIT, after the coordinator
+    # has sent COMMIT to shard-one too (parallel_commit).
+    shard_two.execute(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'shard-two refuses at commit'; END $$"
+    )
+    for name in ("tbl_users_p1", "tbl_users_p3"):
+        shard_two.execute(f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON {name} "
+                          "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()")  # fmt: skip
+    try:
+        result = run_demo(sharded, "--users", "100")
+    finally:
+        for name in ("tbl_users_p1", "tbl_users_p3"):
+            shard_two.execute(f"DROP TRIGGER refuse ON {name}")
+        shard_two.execute("DROP FUNCTION refuse()")
+    kept = {shard.name: len(ids_on(shard)) - before[shard.name] for shard in sharded.shards}
+
+    assert result.returncode == 10, result.stderr
+    [line] = result.stderr.splitlines()
+    assert kept["shard-two"] == 0 and kept["shard-one"] > 0  # half committed, truly
+    assert line == (
+        "sharding_demo.py: error: master-db refused the COMMIT: shard-two refuses at commit; partly committed, "
+        f"as read on each shard: shard-one kept {kept['shard-one']:,} of this run's 100 users, shard-two kept 0 "
+        "of this run's 100 users; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them"
+    )
+
+
+def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: LocalCluster) -> None:
+    shard_two = shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    shard_two.stop()
+    try:
+        result = run_demo(sharded, "--users", "50")
+        # Reads through the coordinator: a lookup pruned to shard-one still answers, one that needs
+        # shard-two says so.
+        with tcp(sharded.primary) as connection:
+            on_one = connection.execute("SELECT id FROM tbl_users_p0 LIMIT 1").fetchone()
+            assert on_one is not None
+            assert connection.execute("SELECT first_name FROM tbl_users WHERE id = %s", on_one).fetchone()
+            with pytest.raises(psycopg.OperationalError, match='could not connect to server "shard_two"'):
+                connection.execute("SELECT count(*) FROM tbl_users")
+    finally:
+        shard_two.start()
+    assert result.returncode == 9, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
+        "for master-db, unreachable: "
+    )
+    assert line.endswith("; nothing was written on any shard")
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Rebalancing: move tbl_users_p2 from shard-one to shard-two, with docs/move-partition.sql
+# ------------------------------------------------------------------------------------------------
+
+
+def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> None:
+    assert run_demo(sharded, "--users", "2000").returncode == 0
+    shard_one, shard_two = shard_of(sharded, "shard-one"), shard_of(sharded, "shard-two")
+    through_coordinator = ids_on(sharded.primary)
+    p2 = {user_id for user_id, name in ids_on(shard_one).items() if name == "tbl_users_p2"}
+    assert p2
+
+    # 1. The partition's new, empty table on shard-two, as init-shard.sh makes them.
+    shard_two.execute(
+        "CREATE TABLE tbl_users_p2 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 2)"
+    )
+    shard_two.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON tbl_users_p2 TO coordinator")
+    # 2. On the coordinator: copy and swap, in one transaction (the file the docs show).
+    sharded.primary.run("psql", "-v", "partition=tbl_users_p2", "-v", "target=shard_two", "--no-psqlrc",
+                        "-f", PROJECT_DIR / "docs" / "move-partition.sql")  # fmt: skip
+    # 3. The old copy on shard-one, once the counts agree.
+    moved = {user_id for user_id, name in ids_on(shard_two).items() if name == "tbl_users_p2"}
+    assert moved == p2
+    shard_one.execute("DROP TABLE tbl_users_p2")
+
+    assert ids_on(sharded.primary) == through_coordinator  # every row, once
+    for replica in sharded.replicas:
+        assert wait_until(lambda replica=replica: ids_on(replica) == through_coordinator, timeout=30)
+    # The demo's next run finds p2 on shard-two, and its new users there.
+    result = run_demo(sharded, "--json", "--users", "200")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    p2_report = next(p for p in report["partitions"] if p["name"] == "tbl_users_p2")
+    assert p2_report["stored_on"] == "shard-two"
+    assert report["on_shards"]["shard-two"].get("tbl_users_p2", 0) == p2_report["predicted"]
+    assert "tbl_users_p2" not in report["on_shards"]["shard-one"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The compose profile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_compose_profile_adds_two_shards_as_the_launcher_starts_them() -> None:
+    import shutil
+
+    import yaml
+
+    from local_cluster import SHARD_INIT_FILES, SHARDS
+
+    executable = shutil.which("docker-compose")
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed: .ci/run must install it")
+        pytest.skip("docker-compose (v1) is not installed")
+    rendered = subprocess.run([executable, "-f", str(PROJECT_DIR / "docker-compose.yml"), "--profile", "sharded",
+                               "config"], env=clean_environment(), capture_output=True, text=True, check=True)  # fmt: skip
+    services = yaml.safe_load(rendered.stdout)["services"]
+    for offset, (name, (server, partitions)) in enumerate(SHARDS.items()):
+        service = services[name]
+        assert service["profiles"] == ["sharded"]
+        assert service["image"] == "postgres:17"
+        assert service["ports"] == [f"127.0.0.1:{5435 + offset}:5432/tcp"]
+        assert service["depends_on"] == {"master-db": {"condition": "service_healthy"}}
+        assert service["environment"]["SHARD_SERVER"] == server
+        assert service["environment"]["SHARD_PARTITIONS"] == partitions
+        assert service["environment"]["SHARD_HOST"] == name
+        assert service["environment"]["COORDINATOR_HOST"] == "master-db"
+        mounted = {v.split(":")[1].removeprefix("/docker-entrypoint-initdb.d/"): Path(v.split(":")[0]).name
+                   for v in service["volumes"] if "/docker-entrypoint-initdb.d/" in v}  # fmt: skip
+        assert mounted == SHARD_INIT_FILES
+        assert "cluster_name=" + name in service["command"]
+    # The default layout starts without them: compose leaves a service with a profile out.
+    assert "profiles" not in services["master-db"]
