@@ -20,9 +20,13 @@
     \set replicator_password replicator_password
 \endif
 
--- REPLICATION lets the role open replication connections (pg_basebackup, WAL streaming) but
--- grants no access to table data. Two replicas need at most 4 connections at once (two each
--- while pg_basebackup -X stream runs), so a limit of 5 is enough and stops runaway clients.
+-- REPLICATION lets the role open replication connections: pg_basebackup and WAL streaming. That
+-- is a very powerful right (PostgreSQL's docs call it "very highly privileged"): a replication
+-- connection copies every data file of the server, every table's rows included. So the role has
+-- a password of its own, and pg_hba.conf lets it in only for replication, from this machine or
+-- the compose network. It is not a superuser and owns nothing.
+-- CONNECTION LIMIT 5 caps its ordinary connections (replica-bootstrap.sh opens one to make its
+-- slot); it does not count replication connections, which max_wal_senders caps (postgresql.conf).
 -- :'replicator_password' makes psql insert the value as a correctly quoted SQL literal.
 CREATE ROLE replicator WITH REPLICATION LOGIN CONNECTION LIMIT 5 PASSWORD :'replicator_password';
 

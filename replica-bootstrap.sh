@@ -67,7 +67,11 @@ SQL
     #   -X stream  also stream the WAL written while the copy runs, so the copy is consistent;
     #   -S         stream it through the slot made above (which already holds that WAL);
     #   -R         write the standby configuration for us: standby.signal, plus primary_conninfo
-    #              and primary_slot_name in postgresql.auto.conf (no hand-written settings);
+    #              and primary_slot_name in postgresql.auto.conf (no hand-written settings).
+    #              Note: primary_conninfo then holds the replicator's password, in plain text, in
+    #              the replica's data directory (readable by its postgres user only). The usual
+    #              remedy is a password file instead: a ~/.pgpass line for the replicator, or
+    #              passfile= in primary_conninfo, with PGPASSWORD left unset here;
     #   --checkpoint=fast  start the copy now instead of waiting for the next checkpoint.
     # If the copy fails, pg_basebackup deletes what it copied, and the next start tries again.
     pg_basebackup "${replication_source[@]}" --pgdata="$PGDATA" \

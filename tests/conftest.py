@@ -46,6 +46,20 @@ def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
     cluster.wait_for_streaming()
 
 
+def pause_replay(cluster: LocalCluster, replica: PostgresNode) -> None:
+    """Stop `replica` replaying WAL, and wait until it has: a pause asked for takes effect at the next
+    WAL record, so the primary writes one (a WAL switch)."""
+    with connect(replica) as connection:
+        connection.execute("SELECT pg_wal_replay_pause()")
+        with connect(cluster.primary) as primary:
+            primary.execute("SELECT pg_switch_wal()")
+
+        def paused() -> bool:
+            return connection.execute("SELECT pg_get_wal_replay_pause_state()").fetchone() == ("paused",)
+
+        assert wait_until(paused, timeout=30), f"{replica.name} did not pause its replay"
+
+
 def connect(
     node: PostgresNode, dbname: str = "postgres", **options: object
 ) -> psycopg.Connection[tuple[object, ...]]:

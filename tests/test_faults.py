@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DEMO, clean_environment, connect, run_demo, wait_until
+from conftest import DEMO, clean_environment, connect, pause_replay, run_demo, wait_until
 from local_cluster import LocalCluster, PostgresNode
 
 # Every test here breaks the shared cluster on purpose; put it back after each one.
@@ -89,8 +89,7 @@ def test_both_replicas_stopped_reads_fall_back_to_the_primary(cluster: LocalClus
 
 def test_a_lagging_replica_is_named_and_left_out(cluster: LocalCluster) -> None:
     lagging, current = cluster.replicas
-    with connect(lagging) as connection:
-        connection.execute("SELECT pg_wal_replay_pause()")
+    pause_replay(cluster, lagging)
     report, warnings = run_json(cluster, "--catchup-timeout", "1")
 
     assert [entry["replica"] for entry in report["catchup"]] == [current.name]
@@ -178,8 +177,7 @@ def test_text_report_names_a_stopped_replica_once(cluster: LocalCluster) -> None
 
 def test_both_replicas_lagging_wait_one_deadline_together(cluster: LocalCluster) -> None:
     for replica in cluster.replicas:
-        with connect(replica) as connection:
-            connection.execute("SELECT pg_wal_replay_pause()")
+        pause_replay(cluster, replica)
     timeout = 3.0
     started = time.monotonic()
     report, _ = run_json(cluster, "--catchup-timeout", str(timeout))

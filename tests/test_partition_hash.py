@@ -117,7 +117,7 @@ def catalog_partitions(connection: psycopg.Connection, parent: str) -> list[Part
         [parent],
     ).fetchall()
     return [
-        Partition(oid, "public", name, bound_numbers[0], bound_numbers[1], bound)
+        Partition(oid, "public", name, bound_numbers[0], bound_numbers[1], bound, None)
         for oid, name, bound, bound_numbers in rows
     ]
 

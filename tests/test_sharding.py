@@ -109,14 +109,9 @@ def test_the_coordinator_logs_in_to_the_shards_with_a_role_of_its_own(sharded: L
 def test_a_row_sent_to_the_wrong_shard_is_refused_there(sharded: LocalCluster) -> None:
     # Find an id whose hash sends it to tbl_users_p1 (shard-two), and try to store it on shard-one.
     with tcp(sharded.primary) as connection:
-        user_id = next(
-            candidate
-            for candidate in (uuid.uuid4() for _ in range(100))
-            if connection.execute(
-                "SELECT satisfies_hash_partition('tbl_users'::regclass, 4, 1, %s::uuid)", [candidate]
-            ).fetchone()
-            == (True,)  # fmt: skip
-        )
+        query = "SELECT satisfies_hash_partition('tbl_users'::regclass, 4, 1, %s::uuid)"
+        candidates = (uuid.uuid4() for _ in range(100))
+        user_id = next(c for c in candidates if connection.execute(query, [c]).fetchone() == (True,))
     with tcp(shard_of(sharded, "shard-one")) as connection:
         with pytest.raises(psycopg.errors.CheckViolation, match="violates partition constraint"):
             connection.execute("INSERT INTO tbl_users_p0 VALUES (%s, 'Wrong')", [user_id])
