@@ -42,7 +42,7 @@
 
     # 1. This shard's role and tables. The bounds are the coordinator's own, read from its catalog.
     "${local_psql[@]}" -v password="$COORDINATOR_PASSWORD" <<'SQL'
--- The coordinator logs in with a role of its own, not the superuser: it may read and write the
+-- The coordinator logs in with a role of its own, not the superuser: it may read, write and empty the
 -- shard's rows, and nothing else. Its password is checked with scram-sha-256 (pg_hba.conf).
 CREATE ROLE coordinator LOGIN PASSWORD :'password';
 -- The same parent as the coordinator's; its primary key makes each id unique on this shard, and so
@@ -60,7 +60,7 @@ SQL
 -- format() quotes the name (%I); the bound is the coordinator's own SQL, e.g.
 -- FOR VALUES WITH (modulus 4, remainder 0). \gexec runs the statement that the query returns.
 SELECT format('CREATE TABLE %I PARTITION OF tbl_users %s', :'name', :'bound') \gexec
-SELECT format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO coordinator', :'name') \gexec
+SELECT format('GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON %I TO coordinator', :'name') \gexec
 SQL
     done
 

@@ -188,8 +188,11 @@ def measure(cluster: LocalCluster, method: str, count: int) -> dict[str, float]:
 
 
 def reset_table(cluster: LocalCluster) -> None:
+    # On the sharded layout the rows are on the shards (a TRUNCATE on master-db reaches them, through
+    # postgres_fdw); each server checkpoints its own.
     cluster.primary.execute("TRUNCATE tbl_users")
-    cluster.primary.execute("CHECKPOINT")  # so each load starts with the same full-page-write state
+    for node in [cluster.primary, *cluster.shards]:
+        node.execute("CHECKPOINT")  # so each load starts with the same full-page-write state
 
 
 def wal_position(cluster: LocalCluster) -> str:
@@ -304,6 +307,14 @@ def main() -> int:
     parser.add_argument(
         "--orm-max", type=int, default=1_000_000, help="largest N to run the naive ORM at (default: all)"
     )
+    parser.add_argument(
+        "--sharded-users",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="N for the sharded row: the demo end to end on the sharded layout and on the default one "
+        "(default 100,000; 0 skips it)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
 
@@ -326,22 +337,7 @@ def main() -> int:
         print_load_table(results, arguments.sizes)
 
         for count in arguments.sizes:
-            reset_table(cluster)
-            results[("end-to-end", count)] = json.loads(
-                subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--child",
-                        "end-to-end",
-                        str(count),
-                        json.dumps(cluster.demo_environment()),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout
-            )
+            results[("end-to-end", count)] = end_to_end(cluster, count)
             print(f"  measured end-to-end at {count:,}", file=sys.stderr, flush=True)
         print()
         print_end_to_end_table(results, arguments.sizes)
@@ -350,7 +346,40 @@ def main() -> int:
         v4 = measure(cluster, "copy-baseline-uuid4", largest)
         print()
         print_uuid_table(results[("copy-baseline", largest)], v4, largest)
+
+        if arguments.sharded_users:
+            count = arguments.sharded_users
+            unsharded = end_to_end(cluster, count)
+            with LocalCluster(port_base=free_port_base(), sharded=True) as sharded:
+                sharded_result = end_to_end(sharded, count)
+            print()
+            print_sharded_row(count, sharded_result, unsharded)
     return 0
+
+
+def end_to_end(cluster: LocalCluster, count: int) -> dict[str, float]:
+    """The demo's whole run on an emptied table, in a child process of its own."""
+    reset_table(cluster)
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "end-to-end",
+        str(count),
+        json.dumps(cluster.demo_environment()),
+    ]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)  # type: ignore[no-any-return]
+
+
+def print_sharded_row(count: int, sharded: dict[str, float], unsharded: dict[str, float]) -> None:
+    print(f"Sharded against unsharded: `python sharding_demo.py --users {count:,} --show 2`, end to end")
+    print("(sharded: master-db routes every row through postgres_fdw to shard-one and shard-two)")
+    header = f"{'layout':<10} {'end to end':>11} {'ratio':>7} {'peak RSS':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, result in (("unsharded", unsharded), ("sharded", sharded)):
+        ratio = result["seconds"] / unsharded["seconds"]
+        print(f"{name:<10} {result['seconds']:>9.2f} s {ratio:>6.2f}x {result['peak_rss_mb']:>6.0f} MB")
 
 
 if __name__ == "__main__":

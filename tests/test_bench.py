@@ -17,6 +17,8 @@ def test_benchmark_runs_and_prints_both_tables() -> None:
             "2000",
             "--orm-max",
             "2000",
+            "--sharded-users",
+            "2000",
         ],
         env=clean_environment(),
         capture_output=True,
@@ -35,3 +37,7 @@ def test_benchmark_runs_and_prints_both_tables() -> None:
     assert len(end_to_end) == 1, lines
     assert any(line.startswith("UUIDv7 ") for line in lines)
     assert any(line.startswith("UUIDv4 ") for line in lines)
+    assert [line.split()[0] for line in lines if line.startswith(("unsharded ", "sharded "))] == [
+        "unsharded",
+        "sharded",
+    ]

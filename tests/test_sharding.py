@@ -242,7 +242,7 @@ def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> 
     shard_two.execute(
         "CREATE TABLE tbl_users_p2 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 2)"
     )
-    shard_two.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON tbl_users_p2 TO coordinator")
+    shard_two.execute("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON tbl_users_p2 TO coordinator")
     # 2. On the coordinator: copy and swap, in one transaction (the file the docs show).
     sharded.primary.run("psql", "-v", "partition=tbl_users_p2", "-v", "target=shard_two", "--no-psqlrc",
                         "-f", PROJECT_DIR / "docs" / "move-partition.sql")  # fmt: skip
