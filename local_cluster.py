@@ -1,31 +1,36 @@
-"""local_cluster.py: the demo's primary and two streaming replicas, without Docker.
+"""local_cluster.py: the demo's primary and two streaming replicas (and two shards), without Docker.
 
 ``docker compose up`` starts three containers: ``master-db``, initialised from init-master.sql,
 setup-config.sh, postgresql.conf and pg_hba.conf, and ``replica-one`` / ``replica-two``, cloned
-from it by replica-bootstrap.sh. This script does the same steps with the PostgreSQL server
-programs on this machine and the SAME files, so running it (as the tests do) tests those files.
+from it by replica-bootstrap.sh. ``docker compose --profile sharded up`` adds ``shard-one`` and
+``shard-two``, each initialised from init-shard.sh and the same setup-config.sh and .conf files,
+which makes master-db their coordinator. This script does the same steps with the PostgreSQL
+server programs on this machine and the SAME files, so running it (as the tests do) tests those
+files.
 
-"Cluster" here means these three servers. (In PostgreSQL's own words, a "database cluster" is
-one server's data directory: this starts three of those.)
+"Cluster" here means these servers. (In PostgreSQL's own words, a "database cluster" is one
+server's data directory: this starts three, or five, of those.)
 
 What it does, step by step, as compose and the official image's docker-entrypoint.sh do:
 
 1. ``initdb`` the primary's data directory; start a temporary server that listens on its Unix
    socket only; run the init files in name order (``*.sql`` with psql; ``*.sh`` executed if it is
    executable, sourced if not; anything else ignored); stop it; start the real server;
-2. clone both replicas **at the same moment**, each with replica-bootstrap.sh, and start each one
-   as soon as its own clone is done: compose starts both replica services together once the
-   primary is healthy;
+2. clone both replicas **at the same moment**, each with replica-bootstrap.sh (and, sharded,
+   initialise both shards at that moment too, each as step 1 does with its own init files), and
+   start each server as soon as its own step is done: compose starts these services together once
+   the primary is healthy;
 3. wait until the primary's ``pg_stat_replication`` shows both replicas streaming.
 
 Where it differs from the containers, and why (each difference once):
 
-* One machine, not three: each server gets its own port (5432, 5433, 5434 by default;
-  ``--port-base`` moves them), listens on 127.0.0.1 only, and keeps its Unix socket in this
-  cluster's temporary folder. Those three settings (port, listen_addresses,
-  unix_socket_directories) are given on the server's command line, over postgresql.conf's
-  ``listen_addresses = '*'`` and ``port = 5432``, which suit a container with its own address.
-  The replicas find the primary at 127.0.0.1 and its port, not at ``master-db:5432``.
+* One machine, not three (or five): each server gets its own port (5432, 5433, 5434, and the shards
+  5435 and 5436, by default; ``--port-base`` moves them), listens on 127.0.0.1 only, and keeps its
+  Unix socket in this cluster's temporary folder. Those three settings (port, listen_addresses,
+  unix_socket_directories) are given on the server's command line, beside cluster_name (which
+  compose sets there too), over postgresql.conf's ``listen_addresses = '*'`` and ``port = 5432``,
+  which suit a container with its own address. The replicas find the primary, and master-db the
+  shards, at 127.0.0.1 and a port, not at ``master-db:5432`` and ``shard-one:5432``.
 * The files are copied into that folder, with their modes (compose bind-mounts them as they are).
 * The user: run as root (as CI runs), the servers run as the ``postgres`` user if there is one,
   else ``nobody``; the image runs them as its own ``postgres`` user.
@@ -43,6 +48,7 @@ Use it from the shell::
     python local_cluster.py -- python sharding_demo.py --users 1000   # start, run, stop, delete
     python local_cluster.py                 # 5432, 5433, 5434; Ctrl-C stops and deletes all
     python local_cluster.py --port-base 6432
+    python local_cluster.py --sharded -- python sharding_demo.py      # five servers: docs/sharding.md
 
 or from Python (the tests do)::
 
@@ -351,8 +357,16 @@ class PostgresNode:
         password_file = self.runner.home / f"{self.name}-password"
         password_file.write_text(superuser_password + "\n")
         self.runner.give(password_file)
-        self.run("initdb", f"--pgdata={self.data_dir}", f"--username={SUPERUSER}", f"--pwfile={password_file}",
-                 "--encoding=UTF8", "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256")  # fmt: skip
+        self.run(
+            "initdb",
+            f"--pgdata={self.data_dir}",
+            f"--username={SUPERUSER}",
+            f"--pwfile={password_file}",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+        )
         password_file.unlink()
         # The image starts a temporary server that listens on the Unix socket only, so that no
         # client can connect before initialisation is complete, and runs the init files on it.
@@ -371,8 +385,17 @@ class PostgresNode:
         """
         for path in sorted(folder.iterdir()):
             if path.suffix == ".sql":
-                self.run("psql", "-v", "ON_ERROR_STOP=1", f"--username={SUPERUSER}", "--no-password", "--no-psqlrc",
-                         "--dbname=postgres", "-f", path)  # fmt: skip
+                self.run(
+                    "psql",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    f"--username={SUPERUSER}",
+                    "--no-password",
+                    "--no-psqlrc",
+                    "--dbname=postgres",
+                    "-f",
+                    path,
+                )
             elif path.suffix == ".sh" and os.access(path, os.X_OK):
                 self.run(path)  # its #! line picks the interpreter
             elif path.suffix == ".sh":
@@ -396,8 +419,15 @@ class PostgresNode:
             f"-c listen_addresses={LOCALHOST if listen_on_tcp else chr(39) * 2}",
             f"-c cluster_name={self.name}",
         ]
-        self.run("pg_ctl", "start", f"--pgdata={self.data_dir}", f"--log={self.log_file}",
-                 f"--options={' '.join(options)}", "--wait", "--timeout=60")  # fmt: skip
+        self.run(
+            "pg_ctl",
+            "start",
+            f"--pgdata={self.data_dir}",
+            f"--log={self.log_file}",
+            f"--options={' '.join(options)}",
+            "--wait",
+            "--timeout=60",
+        )
         self.running = True
 
     def stop(self) -> None:
@@ -483,14 +513,21 @@ class LocalCluster:
             "COORDINATOR_PASSWORD": self.coordinator_password,
         }
         names = [PRIMARY_NAME, *REPLICAS, *(SHARDS if sharded else {})]
-        self.nodes = [PostgresNode(name, port_base + offset, self.base_dir, self.runner, image_env)
-                      for offset, name in enumerate(names)]  # fmt: skip
+        self.nodes = [
+            PostgresNode(name, port_base + offset, self.base_dir, self.runner, image_env)
+            for offset, name in enumerate(names)
+        ]
         self.primary, self.replicas, self.shards = self.nodes[0], self.nodes[1:3], self.nodes[3:]
         for shard in self.shards:  # what docker-compose.yml gives each shard service
             server, partitions = SHARDS[shard.name]
-            shard.env |= {"SHARD_SERVER": server, "SHARD_PARTITIONS": partitions, "SHARD_HOST": LOCALHOST,
-                          "SHARD_PORT": str(shard.port), "COORDINATOR_HOST": LOCALHOST,
-                          "COORDINATOR_PORT": str(self.primary.port)}  # fmt: skip
+            shard.env |= {
+                "SHARD_SERVER": server,
+                "SHARD_PARTITIONS": partitions,
+                "SHARD_HOST": LOCALHOST,
+                "SHARD_PORT": str(shard.port),
+                "COORDINATOR_HOST": LOCALHOST,
+                "COORDINATOR_PORT": str(self.primary.port),
+            }
 
     @property
     def how_many(self) -> str:

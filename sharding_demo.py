@@ -174,10 +174,11 @@ def run(settings: DemoSettings) -> Report:
     shards: list[Server] = []
     try:
         facts = check_primary(primary)
-        shards = [make_server(load_settings(each), settings.connect_timeout, watchdog) for each in
-                  (ShardOneSettings, ShardTwoSettings) if each.service in facts.shards]  # fmt: skip
-        for shard in shards:
-            check_shard(shard, facts)
+        shards = [
+            check_shard(make_server(load_settings(each), settings.connect_timeout, watchdog), facts)
+            for each in (ShardOneSettings, ShardTwoSettings)
+            if each.service in facts.shards
+        ]
 
         # 3. routing: writes to the primary, reads to the replicas that really are its standbys
         router = ReadWriteRouter(primary, replicas, settings.read_policy, facts)
@@ -204,8 +205,10 @@ def run(settings: DemoSettings) -> Report:
             #    itself), each partition, the first user, and which partitions a query reads
             landing = router.read(lambda session: where_users_landed(session, ids, settings.show))
             on_shards = {shard.service: users_on_shard(shard, ids) for shard in shards}
-            contents = [router.read(lambda session, p=p: partition_contents(session, p, settings.show))
-                        for p in facts.partitions]  # fmt: skip
+            contents = [
+                router.read(lambda session, p=p: partition_contents(session, p, settings.show))
+                for p in facts.partitions
+            ]
             first_user = router.read(
                 lambda session: session.scalars(select(User).order_by(User.id).limit(1)).first()
             )
@@ -214,8 +217,20 @@ def run(settings: DemoSettings) -> Report:
             raise failure_after_commit(written, error) from None
 
         # 7. report: everything above, in one value
-        return Report(facts, written, catchup, ids, predicted, landing, on_shards, contents, first_user,
-                      pruning, settings.show, router.skipped)  # fmt: skip
+        return Report(
+            facts,
+            written,
+            catchup,
+            ids,
+            predicted,
+            landing,
+            on_shards,
+            contents,
+            first_user,
+            pruning,
+            settings.show,
+            router.skipped,
+        )
     finally:
         for server in [primary, *replicas, *shards]:
             server.engine.dispose()
@@ -242,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sharding_demo.py: error: {interrupted(interruption)}", file=sys.stderr)
         return exit_code_of(interruption)
     try:
-        print_json(report) if settings.json_output else print(
-            render_text(report), flush=True
-        )  # JSON: appendix C
+        if settings.json_output:
+            print_json(report)  # appendix C
+        else:
+            print(render_text(report), flush=True)
     except (BrokenPipeError, KeyboardInterrupt) as error:  # `| head`, or Ctrl-C after the commit
         return output_failed(report, error)  # appendix D
     return 0
@@ -405,7 +421,7 @@ def check_primary(primary: Server) -> PrimaryFacts:
     return facts
 
 
-def check_shard(shard: Server, facts: PrimaryFacts) -> None:
+def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
     """Before the write: a shard that is down, or lacks its tables, stops the run, and nothing is
     written on any shard (the coordinator's transaction would fail as a whole)."""
     names = [partition.name for partition in facts.partitions if partition.shard == shard.service]
@@ -420,6 +436,7 @@ def check_shard(shard: Server, facts: PrimaryFacts) -> None:
         raise shard_failed(shard, names, error) from None
     if missing:
         raise shard_failed(shard, missing, None)
+    return shard
 
 
 # ======== Step 3. Routing =======================================================================
@@ -623,11 +640,9 @@ def partition_contents(session: Session, partition: Partition, show: int) -> tup
 
 def created_at(user_id: uuid.UUID) -> datetime | None:
     """A UUIDv7's creation time: uuid6's UUID type reads its first 48 bits, milliseconds since 1970."""
-    return (
-        datetime.fromtimestamp(uuid6.UUID(int=user_id.int).time / 1000, tz=UTC)
-        if user_id.version == 7
-        else None
-    )
+    if user_id.version != 7:
+        return None
+    return datetime.fromtimestamp(uuid6.UUID(int=user_id.int).time / 1000, tz=UTC)
 
 
 def tables_read_by_queries(session: Session, id_bytes: bytes) -> tuple[list[str], list[str]]:
@@ -707,7 +722,8 @@ def render_text(report: Report) -> str:
         + (" Its partitions are foreign tables on the shards." if report.on_shards else ""),
         "",
         f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
-        f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have replayed it,",
+        f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have "
+        "replayed it,",
         "so the demo waits for them, and then reads from those that did (read-your-writes):",
         *[f"  {replica}: {outcome}" for replica, outcome in sorted(waits.items())],
         "",
@@ -716,8 +732,10 @@ def render_text(report: Report) -> str:
     ]
     for number, predicted, actual in report.new_users():
         verdict, moved = "ok" if actual == predicted else "MISMATCH", f"{predicted.name}{stored(predicted)}"
-        lines.append(f"  {user_name(number):<12} {uuid.UUID(bytes=report.ids[number])}  {moved} -> "
-                     f"{actual.name + stored(actual) if actual else 'not found'}  {verdict}")  # fmt: skip
+        lines.append(
+            f"  {user_name(number):<12} {uuid.UUID(bytes=report.ids[number])}  {moved} -> "
+            f"{actual.name + stored(actual) if actual else 'not found'}  {verdict}"
+        )
     if written.users > report.show:
         lines += [f"  ... and {written.users - report.show:,} more", *landing_table(report)]  # appendix B
     if report.on_shards:
@@ -725,8 +743,10 @@ def render_text(report: Report) -> str:
             "",
             "Read on each shard itself (not through master-db): this run's users it stores, by partition:",
         ]
-        lines += [f"  {shard}: {', '.join(f'{name} {count:,}' for name, count in sorted(held.items())) or 'none'}"
-                  for shard, held in report.on_shards.items()]  # fmt: skip
+        lines += [
+            f"  {shard}: {', '.join(f'{name} {count:,}' for name, count in sorted(held.items())) or 'none'}"
+            for shard, held in report.on_shards.items()
+        ]
         lines.append(f"  as predicted, and on no other shard: {on_shards_as_predicted(report)}")  # appendix B
 
     by_id, by_name = report.pruning.value
@@ -736,8 +756,10 @@ def render_text(report: Report) -> str:
         f"  WHERE id = <{user_name(0)}'s id> reads {', '.join(by_id)}",
         f"  WHERE first_name = '{user_name(0)}' reads {', '.join(by_name)}",
         "",
-        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every run's, this run's",
-        f"{written.users:,} included. (To start afresh: TRUNCATE tbl_users on the primary.)",
+        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every "
+        "run's, this run's "
+        f"{written.users:,} included.",
+        "(To start afresh: TRUNCATE tbl_users on the primary.)",
     ]
     for partition, answer in zip(partitions, report.contents, strict=True):
         count, rows = answer.value
@@ -757,7 +779,8 @@ def render_text(report: Report) -> str:
             f"User: {first.first_name} (ID: {first.id}, CreatedDate: "
             + (f"{created:%Y-%m-%d %H:%M:%S} UTC)" if created else "not a UUIDv7)"),
             "  the smallest id in the table: the oldest user of every run so far",
-            f"  its creation time is decoded from the UUIDv7 itself; read from {where(report.first_user.server)}",
+            "  its creation time is decoded from the UUIDv7 itself; read from "
+            f"{where(report.first_user.server)}",
         ]
 
     # A replica left out by the wait is told there; say here what happened after it.
@@ -893,14 +916,14 @@ class UUIDv7Maker:
     """UUIDv7 ids that keep the time they were made, in strictly increasing order, at any rate.
 
     uuid6.uuid7(), which the lesson uses, keeps its ids in order by moving the timestamp 1 ms ahead
-    for each id made within the same millisecond: 4 ms for the five users. But Python makes an id
-    in about 2 µs, and a million ids made in 2 s came out up to 16 minutes in the future (994,188 ms
-    ahead of the clock, measured here; uuid6's issue #198), so the next run's ids would sort before
-    them. This follows RFC 9562's method 1, as Python 3.14's uuid.uuid7() does: after the 48-bit
-    timestamp and the version, 42 bits are a counter that starts at a random value each new
-    millisecond and counts up within it; the last 32 bits are random (os.urandom). The timestamp
-    moves ahead only if the counter overflows, after 2**41 ids in one millisecond, which Python
-    cannot make, or if the clock steps back.
+    for each id made within the same millisecond: 4 ms for the five users. But Python makes an id in
+    about 2 µs: measured here, 1,000 ids came out up to 997 ms ahead of the clock, and a million up
+    to 997,668 ms, 16 minutes (uuid6's issue #198), so the next run's ids would sort before them.
+    This is RFC 9562's method 1, as Python 3.14's uuid.uuid7() is: after the 48-bit timestamp and
+    the version, 42 bits are a counter that starts at a random value each new millisecond and counts
+    up within it; the last 32 bits are random (os.urandom). The timestamp never runs ahead: it moves
+    with the clock, or on counter overflow (2**41 ids in one millisecond, which Python cannot make);
+    if the clock steps back, it keeps the last timestamp and counts on (docs/uuidv7.md).
     """
 
     def __init__(self) -> None:
@@ -982,7 +1005,9 @@ def on_shards_as_predicted(report: Report) -> str:
         for shard, held in report.on_shards.items():
             expected = report.predicted[partition.oid] if shard == partition.shard else 0
             if held.get(partition.name, 0) != expected:
-                wrong.append(f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}")
+                wrong.append(
+                    f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}"
+                )
     return "yes" if not wrong else "MISMATCH: " + "; ".join(wrong)
 
 
@@ -1145,7 +1170,8 @@ class ExitCode(IntEnum):
     CONFIG = 2, "an invalid setting or flag (the message names it)"
     PRIMARY_LOST = (
         3,
-        "the primary cannot be reached, was lost, or stopped answering before the commit: nothing was written",
+        "the primary cannot be reached, was lost, or stopped answering before the commit: nothing was "
+        "written",
     )
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = (
@@ -1161,7 +1187,10 @@ class ExitCode(IntEnum):
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
     SHARD_DOWN = 9, "a shard cannot be reached (or lacks its tables) before the insert: nothing was written"
-    PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
+    PARTLY_COMMITTED = (
+        10,
+        "a shard refused the COMMIT after another had committed: the message says who kept what",
+    )
     STDOUT_CLOSED = 141, "stdout was closed before the report was printed, as with `| head`"
     SIGTERM = 143, "SIGTERM (timeout, systemd, docker stop): the message says whether anything was committed"
 
@@ -1204,8 +1233,11 @@ def interrupted(interruption: KeyboardInterrupt, when: str = "before the insert:
 def output_failed(report: Report, error: BaseException) -> int:
     """The report could not be printed: its reader went away (`| head`), or the run was interrupted."""
     if isinstance(error, KeyboardInterrupt):
-        print(f"sharding_demo.py: error: {interrupted(error, 'while printing the report')}; "
-              f"{committed(report.written)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"sharding_demo.py: error: {interrupted(error, 'while printing the report')}; "
+            f"{committed(report.written)}",
+            file=sys.stderr,
+        )
         return exit_code_of(error)
     # Point stdout at /dev/null, so that Python's own flush at exit does not fail a second time.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -1232,8 +1264,11 @@ class CommitRefused(DemoError):
 
     def __init__(self, primary: Server, users: int, error: BaseException) -> None:
         self.primary, self.users, self.reason = primary, users, one_line(error)
-        super().__init__(f"{primary.service} refused the COMMIT: {self.reason}; the transaction was rolled back: "
-                         "nothing was written", ExitCode.REFUSED)  # fmt: skip
+        super().__init__(
+            f"{primary.service} refused the COMMIT: {self.reason}; the transaction was rolled back: "
+            "nothing was written",
+            ExitCode.REFUSED,
+        )
 
     def explained(self, shards: Sequence[Server], ids: Sequence[bytes]) -> DemoError:
         if not shards:
@@ -1245,10 +1280,15 @@ class CommitRefused(DemoError):
             except DATABASE_ERRORS as error:
                 kept[shard.service] = f"an unknown number ({cause(shard, error)})"
         if all(count == "0" for count in kept.values()):
-            return DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
+            return DemoError(
+                f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED
+            )
         return DemoError(
-            f"{self.primary.service} refused the COMMIT: {self.reason}; partly committed, as read on each shard: "
-            + ", ".join(f"{shard} kept {count} of this run's {self.users:,} users" for shard, count in kept.items())
+            f"{self.primary.service} refused the COMMIT: {self.reason}; partly committed, as read on "
+            "each shard: "
+            + ", ".join(
+                f"{shard} kept {count} of this run's {self.users:,} users" for shard, count in kept.items()
+            )
             + "; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them",
             ExitCode.PARTLY_COMMITTED,
         )
@@ -1260,8 +1300,11 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None) -
         what = f"has no table {', '.join(names)}: check {prefix}HOST and {prefix}PORT"
     else:
         what = replica_failure(shard, error)
-    return DemoError(f"{shard.service} ({shard.address}), which stores {', '.join(names)} for master-db, {what}; "
-                     "nothing was written on any shard", ExitCode.SHARD_DOWN)  # fmt: skip
+    return DemoError(
+        f"{shard.service} ({shard.address}), which stores {', '.join(names)} for master-db, {what}; "
+        "nothing was written on any shard",
+        ExitCode.SHARD_DOWN,
+    )
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -1316,8 +1359,10 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
     if refused_login(error):
         return DemoError(f"{where} refused the login: {one_line(error)}", ExitCode.LOGIN_REFUSED)
     if sqlstate(error) == "57014":  # query_canceled: a statement_timeout, or a cancel request
-        return DemoError(f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written",
-                         ExitCode.REFUSED)  # fmt: skip
+        return DemoError(
+            f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written",
+            ExitCode.REFUSED,
+        )
     if primary.service in primary.watchdog.gave_up_on:
         return DemoError(
             f"{where} {cause(primary, error)} during the checks; nothing was written", ExitCode.PRIMARY_LOST
@@ -1325,7 +1370,9 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
     return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
 
-def unusable_partition(primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool) -> DemoError:
+def unusable_partition(
+    primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool
+) -> DemoError:
     where = f"{primary.service} ({primary.address})"
     if key != "HASH (id)":
         what = f"has tbl_users partitioned by {key}"
@@ -1358,18 +1405,26 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
         )
     if not facts.partitions:
         with primary.engine.connect() as connection:
-            exists, key = connection.execute(text(
-                "SELECT to_regclass('tbl_users') IS NOT NULL, (SELECT pg_get_partkeydef(partrelid) "
-                "FROM pg_partitioned_table WHERE partrelid = to_regclass('tbl_users'))")).one()  # fmt: skip
+            exists, key = connection.execute(
+                text(
+                    "SELECT to_regclass('tbl_users') IS NOT NULL, (SELECT pg_get_partkeydef(partrelid) "
+                    "FROM pg_partitioned_table WHERE partrelid = to_regclass('tbl_users'))"
+                )
+            ).one()
         if not exists:
-            return DemoError(f"{where} has no table tbl_users: the cluster is not initialised (start it with "
-                             "`docker compose up -d --wait` or `python local_cluster.py`)", ExitCode.LAYOUT)  # fmt: skip
+            return DemoError(
+                f"{where} has no table tbl_users: the cluster is not initialised (start it with "
+                "`docker compose up -d --wait` or `python local_cluster.py`)",
+                ExitCode.LAYOUT,
+            )
         what = "that is not partitioned" if key is None else "without partitions"
         return DemoError(f"{where} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
     greatest = max(partition.modulus for partition in facts.partitions)
-    return DemoError(f"{where} has partitions of tbl_users that leave remainders {uncovered_remainders(facts.partitions)} "
-                     f"of modulus {greatest} without a partition: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}",
-                     ExitCode.LAYOUT)  # fmt: skip
+    return DemoError(
+        f"{where} has partitions of tbl_users that leave remainders {uncovered_remainders(facts.partitions)} "
+        f"of modulus {greatest} without a partition: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}",
+        ExitCode.LAYOUT,
+    )
 
 
 def replica_failure(replica: Server, error: BaseException) -> str:
@@ -1382,7 +1437,7 @@ def replica_failure(replica: Server, error: BaseException) -> str:
 
 
 def what_it_is_instead(replica: Server, identity: tuple[Any, ...], primary: tuple[Any, ...]) -> str:
-    """Why a server is not a standby of the primary: a promoted copy, the primary itself, or another cluster's."""
+    """Why a server is not a standby of the primary: a promoted copy, the primary, or another cluster's."""
     in_recovery, system_identifier, started_at = identity
     fix = f"check {replica.settings.model_config.get('env_prefix')}HOST and PORT"
     if system_identifier != primary[1]:
@@ -1390,7 +1445,10 @@ def what_it_is_instead(replica: Server, identity: tuple[Any, ...], primary: tupl
         return f"is {what} (system identifier {system_identifier}, the primary's is {primary[1]}): {fix}"
     if started_at == primary[2]:
         return f"is the primary itself, not a standby (pg_is_in_recovery() is false): {fix}"
-    return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
+    return (
+        "was promoted: it is a primary now (pg_is_in_recovery() is false), "
+        "a copy of this primary gone its own way"
+    )
 
 
 def still_behind(lag: int | None, elapsed: float) -> str:
@@ -1400,8 +1458,11 @@ def still_behind(lag: int | None, elapsed: float) -> str:
 
 
 def committed(written: Written) -> str:
-    return (f"{written.users:,} users were committed on {written.primary.service} (commit LSN {written.commit_lsn}) "
-            "and stay in the table; do not run again to retry them")  # fmt: skip
+    return (
+        f"{written.users:,} users were committed on {written.primary.service} (commit LSN "
+        f"{written.commit_lsn}) "
+        "and stay in the table; do not run again to retry them"
+    )
 
 
 def failure_of_the_write(
@@ -1418,16 +1479,24 @@ def failure_of_the_write(
             if isinstance(error, KeyboardInterrupt)
             else f"lost {primary.service} during the COMMIT ({cause(primary, error)})"
         )
-        return DemoError(f"{what}: whether the {users:,} users were committed is unknown; count the rows of tbl_users "
-                         "on the primary before running again", ExitCode.COMMIT_UNKNOWN)  # fmt: skip
+        return DemoError(
+            f"{what}: whether the {users:,} users were committed is unknown; count the rows of tbl_users "
+            "on the primary before running again",
+            ExitCode.COMMIT_UNKNOWN,
+        )
     if isinstance(error, KeyboardInterrupt):
         return DemoError(interrupted(error, "before the commit: nothing was written"), exit_code_of(error))
     if sqlstate(error) == "57014":
-        return DemoError(f"{primary.service} cancelled the insert (a statement_timeout, or a cancel request): "
-                         f"{one_line(error)}; nothing was written", ExitCode.REFUSED)  # fmt: skip
+        return DemoError(
+            f"{primary.service} cancelled the insert (a statement_timeout, or a cancel request): "
+            f"{one_line(error)}; nothing was written",
+            ExitCode.REFUSED,
+        )
     if not answered(error):
-        return DemoError(f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written",
-                         ExitCode.PRIMARY_LOST)  # fmt: skip
+        return DemoError(
+            f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written",
+            ExitCode.PRIMARY_LOST,
+        )
     return DemoError(
         f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED
     )
@@ -1462,8 +1531,14 @@ class FlagParser(argparse.ArgumentParser):
         for settings_class in (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings):
             prefix = settings_class.model_config.get("env_prefix")
             names = ", ".join(f"{prefix}{name.upper()}" for name in settings_class.model_fields)
-            defaults = ", ".join(str(field.default.get_secret_value() if isinstance(field.default, SecretStr)
-                                     else field.default) for field in settings_class.model_fields.values())  # fmt: skip
+            defaults = ", ".join(
+                str(
+                    field.default.get_secret_value()
+                    if isinstance(field.default, SecretStr)
+                    else field.default
+                )
+                for field in settings_class.model_fields.values()
+            )
             lines += [f"  {names}", f"      {settings_class.service} (defaults: {defaults})"]
         lines += ["  and DEMO_<FLAG> for each flag above, such as DEMO_CATCHUP_TIMEOUT", "", "exit codes:"]
         lines += [f"  {code.value:<4}{code.meaning}" for code in ExitCode]
@@ -1494,8 +1569,10 @@ def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str
     """'invalid setting MASTER_DB_PORT=abc: Input should be a valid integer ...' from pydantic's error."""
     if isinstance(error, UnicodeDecodeError):
         byte = error.object[error.start]
-        return DemoError(f".env is not UTF-8 text (byte {byte:#04x} at offset {error.start}): save it as UTF-8",
-                         ExitCode.CONFIG)  # fmt: skip
+        return DemoError(
+            f".env is not UTF-8 text (byte {byte:#04x} at offset {error.start}): save it as UTF-8",
+            ExitCode.CONFIG,
+        )
     first = error.errors()[0]  # type: ignore[attr-defined]
     name = str(first["loc"][0])
     if name in flags:
@@ -1539,8 +1616,10 @@ def settings_warnings() -> list[str]:
         values = {}
     known = {"DEMO_" + name.upper() for name in DemoSettings.model_fields}
     names = {name.upper() for name in [*os.environ, *values] if name.upper().startswith("DEMO_")}
-    warnings += [f"{name} is not a setting of this demo, and is ignored (it has {', '.join(sorted(known))})"
-                 for name in sorted(names - known)]  # fmt: skip
+    warnings += [
+        f"{name} is not a setting of this demo, and is ignored (it has {', '.join(sorted(known))})"
+        for name in sorted(names - known)
+    ]
     return warnings
 
 
@@ -1555,10 +1634,14 @@ def dollar_warnings(path: Path) -> list[str]:
     warnings = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         match = re.match(r"\s*(?:export\s+)?(\w*PASSWORD)\s*=\s*(.*)", line)
-        if match and (("$" in match[2] and not match[2].startswith("'") and re.search(r"\$[A-Za-z_{$]", match[2]))
-                      or "${" in match[2]):  # fmt: skip
-            warnings.append(f"{match[1]} in .env has a '$' that docker compose and this demo read differently; "
-                            f"write the value in single quotes, without '${{' ({match[1]}='...')")  # fmt: skip
+        if match and (
+            ("$" in match[2] and not match[2].startswith("'") and re.search(r"\$[A-Za-z_{$]", match[2]))
+            or "${" in match[2]
+        ):
+            warnings.append(
+                f"{match[1]} in .env has a '$' that docker compose and this demo read differently; "
+                f"write the value in single quotes, without '${{' ({match[1]}='...')"
+            )
     return warnings
 
 

@@ -336,8 +336,11 @@ def test_a_partition_the_user_may_not_read_is_refused_before_the_insert(cluster:
         "CREATE ROLE writer LOGIN PASSWORD 'writer'",
         "GRANT INSERT, SELECT ON tbl_users, tbl_users_p0 TO writer",
     )
-    writer = {f"{prefix}{field}": value for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
-              for field, value in (("USER", "writer"), ("PASSWORD", "writer"))}  # fmt: skip
+    writer = {
+        f"{prefix}{field}": value
+        for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
+        for field, value in (("USER", "writer"), ("PASSWORD", "writer"))
+    }
     result = run_demo(cluster, env=settings | writer)
     assert result.returncode == 5, result.stderr
     [line] = errors_of(result.stderr)
@@ -357,8 +360,15 @@ def run_with_bytes(cluster: LocalCluster, name: bytes, value: bytes) -> subproce
         for key, item in (clean_environment() | cluster.demo_environment()).items()
     }
     environment[name] = value
-    return subprocess.run([sys.executable, str(DEMO), "--json"], env=environment, capture_output=True, text=True,
-                          timeout=60, cwd="/", check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(DEMO), "--json"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=False,
+    )
 
 
 def test_a_primary_password_that_is_not_utf8_is_one_line_and_exit_2(cluster: LocalCluster) -> None:
@@ -396,7 +406,8 @@ def test_mixed_moduli_are_told_per_partition(cluster: LocalCluster) -> None:
         "mixed",
         "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
         *(
-            f"CREATE TABLE tbl_users_{name} PARTITION OF tbl_users FOR VALUES WITH (MODULUS {m}, REMAINDER {r})"
+            f"CREATE TABLE tbl_users_{name} PARTITION OF tbl_users FOR VALUES WITH (MODULUS {m}, "
+            f"REMAINDER {r})"
             for name, m, r in [("even", 2, 0), ("m4_r1", 4, 1), ("m8_r3", 8, 3), ("m8_r7", 8, 7)]
         ),
     )
@@ -442,10 +453,20 @@ text_values = st.one_of(
     st.binary(max_size=6).map(lambda raw: raw.decode("utf-8", errors="surrogateescape")),  # not UTF-8
 )
 VARIABLES = [
-    "MASTER_DB_PORT", "MASTER_DB_USER", "MASTER_DB_PASSWORD", "MASTER_DB_NAME",
-    "REPLICA_ONE_PORT", "REPLICA_TWO_PASSWORD", "DEMO_CATCHUP_TIMEOUT", "DEMO_CONNECT_TIMEOUT",
-    "DEMO_STALL_TIMEOUT", "DEMO_READ_POLICY", "DEMO_USERS", "DEMO_SHOW", "DEMO_JSON_OUTPUT",
-]  # fmt: skip
+    "MASTER_DB_PORT",
+    "MASTER_DB_USER",
+    "MASTER_DB_PASSWORD",
+    "MASTER_DB_NAME",
+    "REPLICA_ONE_PORT",
+    "REPLICA_TWO_PASSWORD",
+    "DEMO_CATCHUP_TIMEOUT",
+    "DEMO_CONNECT_TIMEOUT",
+    "DEMO_STALL_TIMEOUT",
+    "DEMO_READ_POLICY",
+    "DEMO_USERS",
+    "DEMO_SHOW",
+    "DEMO_JSON_OUTPUT",
+]
 FLAGS = ["--users", "--show", "--read-policy", "--catchup-timeout", "--connect-timeout", "--stall-timeout"]
 
 
@@ -482,8 +503,15 @@ def test_any_settings_give_one_true_line_and_a_documented_exit(
         k.encode(errors="surrogateescape"): v.encode(errors="surrogateescape") for k, v in environment.items()
     }
     before = count_on(cluster.primary)
-    result = subprocess.run([sys.executable, str(DEMO), *arguments], env=encoded, cwd=folder, capture_output=True,
-                            timeout=120, check=False, errors="surrogateescape")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(DEMO), *arguments],
+        env=encoded,
+        cwd=folder,
+        capture_output=True,
+        timeout=120,
+        check=False,
+        errors="surrogateescape",
+    )
 
     assert result.returncode in DOCUMENTED, result.stderr
     errors = errors_of(result.stderr)

@@ -69,10 +69,14 @@ def test_the_coordinator_s_partitions_are_foreign_tables_on_the_shards(sharded: 
             """
         )
         assert rows == [
-            (f"tbl_users_p{n}", "f", "shard_one" if n % 2 == 0 else "shard_two",
-             f"FOR VALUES WITH (modulus 4, remainder {n})")
+            (
+                f"tbl_users_p{n}",
+                "f",
+                "shard_one" if n % 2 == 0 else "shard_two",
+                f"FOR VALUES WITH (modulus 4, remainder {n})",
+            )
             for n in range(4)
-        ], node.name  # fmt: skip
+        ], node.name
     # A unique index cannot span foreign tables: the parent has no primary key...
     assert sharded.primary.query("SELECT count(*) FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [
         (0,)
@@ -83,8 +87,13 @@ def test_the_coordinator_s_partitions_are_foreign_tables_on_the_shards(sharded: 
         ("shard-two", ["tbl_users_p1", "tbl_users_p3"]),
     ):
         node = shard_of(sharded, shard)
-        assert [row[0] for row in node.query("SELECT relname FROM pg_inherits JOIN pg_class ON oid = inhrelid "
-                                             "WHERE inhparent = 'tbl_users'::regclass ORDER BY 1")] == names  # fmt: skip
+        assert [
+            row[0]
+            for row in node.query(
+                "SELECT relname FROM pg_inherits JOIN pg_class ON oid = inhrelid "
+                "WHERE inhparent = 'tbl_users'::regclass ORDER BY 1"
+            )
+        ] == names
         assert node.query("SELECT indisprimary FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [
             (True,)
         ]
@@ -97,8 +106,10 @@ def test_the_coordinator_logs_in_to_the_shards_with_a_role_of_its_own(sharded: L
     assert [(server, user) for server, user, _ in mapping] == [("shard_one", 0), ("shard_two", 0)]  # PUBLIC
     assert all("user=coordinator" in options for _, _, options in mapping)  # type: ignore[operator]
     for shard in sharded.shards:
-        assert shard.query("SELECT rolsuper, rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
-                           "WHERE rolname = 'coordinator'") == [(False, True, True)]  # fmt: skip
+        assert shard.query(
+            "SELECT rolsuper, rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
+            "WHERE rolname = 'coordinator'"
+        ) == [(False, True, True)]
         # over TCP, with scram-sha-256, as pg_hba.conf says; a wrong password is refused
         with tcp(shard, "coordinator", COORDINATOR_PASSWORD) as connection:
             assert connection.execute("SELECT current_user").fetchone() == ("coordinator",)
@@ -132,9 +143,11 @@ def test_every_row_is_on_its_predicted_shard_and_on_no_other(sharded: LocalClust
     on_shard = {shard.name: ids_on(shard) for shard in sharded.shards}  # read here, on each shard
     partitions = {partition["name"]: partition for partition in report["partitions"]}
     assert {name: p["stored_on"] for name, p in partitions.items()} == {
-        "tbl_users_p0": "shard-one", "tbl_users_p1": "shard-two",
-        "tbl_users_p2": "shard-one", "tbl_users_p3": "shard-two",
-    }  # fmt: skip
+        "tbl_users_p0": "shard-one",
+        "tbl_users_p1": "shard-two",
+        "tbl_users_p2": "shard-one",
+        "tbl_users_p3": "shard-two",
+    }
     for user in report["inserted"]:
         home = partitions[user["predicted_partition"]]["stored_on"]
         assert on_shard[home][user["id"]] == user["predicted_partition"] == user["actual_partition"]
@@ -180,8 +193,10 @@ def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluste
         "$$ BEGIN RAISE EXCEPTION 'shard-two refuses at commit'; END $$"
     )
     for name in ("tbl_users_p1", "tbl_users_p3"):
-        shard_two.execute(f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON {name} "
-                          "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()")  # fmt: skip
+        shard_two.execute(
+            f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON {name} "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
     try:
         result = run_demo(sharded, "--users", "100")
     finally:
@@ -194,8 +209,10 @@ def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluste
     [line] = result.stderr.splitlines()
     assert kept["shard-two"] == 0 and kept["shard-one"] > 0  # half committed, truly
     assert line == (
-        "sharding_demo.py: error: master-db refused the COMMIT: shard-two refuses at commit; partly committed, "
-        f"as read on each shard: shard-one kept {kept['shard-one']:,} of this run's 100 users, shard-two kept 0 "
+        "sharding_demo.py: error: master-db refused the COMMIT: shard-two refuses at commit; partly "
+        "committed, "
+        f"as read on each shard: shard-one kept {kept['shard-one']:,} of this run's 100 users, "
+        "shard-two kept 0 "
         "of this run's 100 users; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them"
     )
 
@@ -219,7 +236,8 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
     assert result.returncode == 9, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith(
-        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
+        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, "
+        "tbl_users_p3 "
         "for master-db, unreachable: "
     )
     assert line.endswith("; nothing was written on any shard")
@@ -244,8 +262,16 @@ def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> 
     )
     shard_two.execute("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON tbl_users_p2 TO coordinator")
     # 2. On the coordinator: copy and swap, in one transaction (the file the docs show).
-    sharded.primary.run("psql", "-v", "partition=tbl_users_p2", "-v", "target=shard_two", "--no-psqlrc",
-                        "-f", PROJECT_DIR / "docs" / "move-partition.sql")  # fmt: skip
+    sharded.primary.run(
+        "psql",
+        "-v",
+        "partition=tbl_users_p2",
+        "-v",
+        "target=shard_two",
+        "--no-psqlrc",
+        "-f",
+        PROJECT_DIR / "docs" / "move-partition.sql",
+    )
     # 3. The old copy on shard-one, once the counts agree.
     moved = {user_id for user_id, name in ids_on(shard_two).items() if name == "tbl_users_p2"}
     assert moved == p2
@@ -281,8 +307,13 @@ def test_the_compose_profile_adds_two_shards_as_the_launcher_starts_them() -> No
         if os.environ.get("CI"):
             pytest.fail("docker-compose is not installed: .ci/run must install it")
         pytest.skip("docker-compose (v1) is not installed")
-    rendered = subprocess.run([executable, "-f", str(PROJECT_DIR / "docker-compose.yml"), "--profile", "sharded",
-                               "config"], env=clean_environment(), capture_output=True, text=True, check=True)  # fmt: skip
+    rendered = subprocess.run(
+        [executable, "-f", str(PROJECT_DIR / "docker-compose.yml"), "--profile", "sharded", "config"],
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     services = yaml.safe_load(rendered.stdout)["services"]
     for offset, (name, (server, partitions)) in enumerate(SHARDS.items()):
         service = services[name]
@@ -294,8 +325,11 @@ def test_the_compose_profile_adds_two_shards_as_the_launcher_starts_them() -> No
         assert service["environment"]["SHARD_PARTITIONS"] == partitions
         assert service["environment"]["SHARD_HOST"] == name
         assert service["environment"]["COORDINATOR_HOST"] == "master-db"
-        mounted = {v.split(":")[1].removeprefix("/docker-entrypoint-initdb.d/"): Path(v.split(":")[0]).name
-                   for v in service["volumes"] if "/docker-entrypoint-initdb.d/" in v}  # fmt: skip
+        mounted = {
+            v.split(":")[1].removeprefix("/docker-entrypoint-initdb.d/"): Path(v.split(":")[0]).name
+            for v in service["volumes"]
+            if "/docker-entrypoint-initdb.d/" in v
+        }
         assert mounted == SHARD_INIT_FILES
         assert "cluster_name=" + name in service["command"]
     # The default layout starts without them: compose leaves a service with a profile out.
