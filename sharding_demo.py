@@ -692,6 +692,18 @@ class Report:
         predicted = [predict_partition(self.ids[n], self.primary.partitions) for n in numbers]
         return [(n, predicted[n], by_oid.get(self.landing.value[1].get(n, 0))) for n in numbers]
 
+    def shards_as_predicted(self) -> str:
+        """Does each shard store exactly the users predicted for its partitions, and no others?"""
+        wrong = []
+        for partition in self.primary.partitions:
+            for shard, held in self.on_shards.items():
+                expected = self.predicted[partition.oid] if shard == partition.shard else 0
+                if held.get(partition.name, 0) != expected:
+                    wrong.append(
+                        f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}"
+                    )
+        return "yes" if not wrong else "MISMATCH: " + "; ".join(wrong)
+
     @property
     def primary_served_reads(self) -> bool:
         answers = [self.landing, *self.contents, self.first_user, self.pruning]
@@ -747,7 +759,7 @@ def render_text(report: Report) -> str:
             f"  {shard}: {', '.join(f'{name} {count:,}' for name, count in sorted(held.items())) or 'none'}"
             for shard, held in report.on_shards.items()
         ]
-        lines.append(f"  as predicted, and on no other shard: {on_shards_as_predicted(report)}")  # appendix B
+        lines.append(f"  as predicted, and on no other shard: {report.shards_as_predicted()}")
 
     by_id, by_name = report.pruning.value
     lines += [
@@ -996,19 +1008,6 @@ def insert_many_users(
                 loaded(number + 1)
 
     return ids, predicted, commit(primary, count, "COPY", copy_rows)
-
-
-def on_shards_as_predicted(report: Report) -> str:
-    """Does each shard store exactly the users predicted for its partitions, and no others?"""
-    wrong = []
-    for partition in report.primary.partitions:
-        for shard, held in report.on_shards.items():
-            expected = report.predicted[partition.oid] if shard == partition.shard else 0
-            if held.get(partition.name, 0) != expected:
-                wrong.append(
-                    f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}"
-                )
-    return "yes" if not wrong else "MISMATCH: " + "; ".join(wrong)
 
 
 def progress_printer(total: int, verb: str) -> Callable[[int], None]:
