@@ -190,11 +190,11 @@ def run(settings: DemoSettings) -> Report:
                 models = [User(first_name=user_name(number)) for number in range(settings.users)]
                 ids = [model.id.bytes for model in models]
                 predicted = Counter(predict_partition(id_bytes, facts.partitions).oid for id_bytes in ids)
-                written = commit(primary, len(models), "ORM", lambda session: session.add_all(models))
+                written = commit(primary, ids, "ORM", lambda session: session.add_all(models))
             else:  # the ORM is the path to read, and the wrong one for a million rows: appendix B
                 ids, predicted, written = insert_many_users(primary, settings.users, facts.partitions)
         except CommitRefused as refused:  # with shards, some may have committed: appendix D counts
-            raise refused.explained(shards, ids) from None
+            raise refused.explained(shards) from None
 
         # From here on, this run's users are in the table: a failure must say so (appendix D).
         try:
@@ -522,7 +522,7 @@ class Written:
     commit_lsn: str  # where the commit is in the WAL: the replicas must replay up to here
 
 
-def commit(primary: Server, users: int, method: str, write: Callable[[Session], None]) -> Written:
+def commit(primary: Server, ids: Sequence[bytes], method: str, write: Callable[[Session], None]) -> Written:
     """Run `write` in one transaction on the primary, commit, and note where the commit is in the
     WAL. Until the COMMIT a failure rolls everything back; after it the users are in the table; a
     failure *during* it says what it knows (appendix D). PostgreSQL has no two-phase commit through
@@ -542,8 +542,8 @@ def commit(primary: Server, users: int, method: str, write: Callable[[Session], 
             # Close the connection without a ROLLBACK (it may be dead): the server rolls back an
             # open transaction whose connection goes away.
             session.invalidate()
-            raise failure_of_the_write(primary, users, method, stage, error) from None
-    return Written(users, method, primary, commit_lsn)
+            raise failure_of_the_write(primary, ids, method, stage, error) from None
+    return Written(len(ids), method, primary, commit_lsn)
 
 
 # ======== Step 5. Wait for the replicas (read-your-writes) ======================================
@@ -1007,7 +1007,7 @@ def insert_many_users(
                     primary.watchdog.progress()  # a COPY that moves is not a server that stopped
                 loaded(number + 1)
 
-    return ids, predicted, commit(primary, count, "COPY", copy_rows)
+    return ids, predicted, commit(primary, ids, "COPY", copy_rows)
 
 
 def progress_printer(total: int, verb: str) -> Callable[[int], None]:
@@ -1261,21 +1261,21 @@ class CommitRefused(DemoError):
     coordinator commits on each shard in turn (postgres_fdw has no two-phase commit), so one shard
     may have committed before another refused: then the shards say who kept what."""
 
-    def __init__(self, primary: Server, users: int, error: BaseException) -> None:
-        self.primary, self.users, self.reason = primary, users, one_line(error)
+    def __init__(self, primary: Server, ids: Sequence[bytes], error: BaseException) -> None:
+        self.primary, self.ids, self.users, self.reason = primary, ids, len(ids), one_line(error)
         super().__init__(
             f"{primary.service} refused the COMMIT: {self.reason}; the transaction was rolled back: "
             "nothing was written",
             ExitCode.REFUSED,
         )
 
-    def explained(self, shards: Sequence[Server], ids: Sequence[bytes]) -> DemoError:
+    def explained(self, shards: Sequence[Server]) -> DemoError:
         if not shards:
             return self
         kept = {}
         for shard in shards:
             try:
-                kept[shard.service] = f"{sum(users_on_shard(shard, ids).values()):,}"
+                kept[shard.service] = f"{sum(users_on_shard(shard, self.ids).values()):,}"
             except DATABASE_ERRORS as error:
                 kept[shard.service] = f"an unknown number ({cause(shard, error)})"
         if all(count == "0" for count in kept.values()):
@@ -1465,13 +1465,14 @@ def committed(written: Written) -> str:
 
 
 def failure_of_the_write(
-    primary: Server, users: int, method: str, stage: str, error: BaseException
+    primary: Server, ids: Sequence[bytes], method: str, stage: str, error: BaseException
 ) -> DemoError:
     """Before the COMMIT nothing was written; during it the outcome is unknown; after it, say what was."""
+    users = len(ids)
     if stage == "after":
         return failure_after_commit(Written(users, method, primary, "unknown"), error)
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
-        return CommitRefused(primary, users, error)
+        return CommitRefused(primary, ids, error)
     if stage == "during":
         what = (
             interrupted(error, "during the COMMIT")
