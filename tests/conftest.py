@@ -124,6 +124,43 @@ def run_in_process(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_p
     return run
 
 
+def count_on(node: PostgresNode, database: str = "postgres") -> int:
+    with connect(node, dbname=database) as connection:
+        return int(connection.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]
+
+
+def counts_everywhere(cluster: LocalCluster) -> list[int]:
+    """tbl_users' rows on the primary and on each replica, once the replicas have caught up."""
+    primary = count_on(cluster.primary)
+    for replica in cluster.replicas:
+        assert wait_until(lambda replica=replica: count_on(replica) == primary, timeout=30), replica.name
+    return [primary] * 3
+
+
+def start_demo(
+    cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """The demo in a process of its own, pointed at `cluster`, for a test to act on while it runs."""
+    return subprocess.Popen(
+        [sys.executable, str(DEMO), *arguments],
+        env=clean_environment() | cluster.demo_environment() | (env or {}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[str, str]:
+    """A fresh database on the primary (the replicas get it too) and the settings to use it."""
+    with connect(cluster.primary) as primary:
+        primary.execute(f"DROP DATABASE IF EXISTS {name}")
+        primary.execute(f"CREATE DATABASE {name}")
+    with connect(cluster.primary, dbname=name) as database:
+        for statement in statements:
+            database.execute(statement)
+    return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
+
+
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -19,7 +19,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sharding_demo
-from conftest import DEMO, clean_environment, connect, pause_replay, run_demo, wait_until
+from conftest import (
+    DEMO,
+    clean_environment,
+    connect,
+    count_on,
+    counts_everywhere,
+    database_with,
+    pause_replay,
+    run_demo,
+    start_demo,
+    wait_until,
+)
 from local_cluster import LocalCluster, PostgresNode, free_port_base
 
 pytestmark = pytest.mark.usefixtures("healthy_cluster")
@@ -27,29 +38,10 @@ pytestmark = pytest.mark.usefixtures("healthy_cluster")
 STALL = "2"  # DEMO_STALL_TIMEOUT for these tests, in seconds: the bound is this plus a little
 
 
-def count_on(node: PostgresNode, database: str = "postgres") -> int:
-    with connect(node, dbname=database) as connection:
-        return int(connection.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]
-
-
-def counts_everywhere(cluster: LocalCluster) -> list[int]:
-    """tbl_users' rows on the primary and each replica, once the replicas have caught up."""
-    primary = count_on(cluster.primary)
-    for replica in cluster.replicas:
-        assert wait_until(lambda replica=replica: count_on(replica) == primary, timeout=30), replica.name
-    return [primary] * len(cluster.nodes[:3])
-
-
-def start_demo(
+def stalling_demo(
     cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(DEMO), *arguments],
-        env=clean_environment() | cluster.demo_environment() | {"DEMO_STALL_TIMEOUT": STALL} | (env or {}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_demo(cluster, *arguments, env={"DEMO_STALL_TIMEOUT": STALL} | (env or {}))
 
 
 def errors_of(stderr: str) -> list[str]:
@@ -123,7 +115,7 @@ def test_a_replica_stopped_during_the_catch_up_wait_is_cut_off_at_the_stall_boun
     before = counts_everywhere(cluster)[0]
     lagging = cluster.replicas[0]
     pause_replay(cluster, lagging)  # so that the demo keeps asking it
-    demo = start_demo(cluster, "--json", "--catchup-timeout", "30")
+    demo = stalling_demo(cluster, "--json", "--catchup-timeout", "30")
     wait_for_statement(lagging, "%pg_last_wal_replay_lsn%", state="%")  # the demo's wait asks it
     lagging.pause()
     paused_at = time.monotonic()
@@ -150,7 +142,7 @@ def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(c
     before = counts_everywhere(cluster)[0]
     lagging = cluster.replicas[1]
     pause_replay(cluster, lagging)
-    demo = start_demo(cluster, "--catchup-timeout", "2", env={"DEMO_STALL_TIMEOUT": "60"})
+    demo = stalling_demo(cluster, "--catchup-timeout", "2", env={"DEMO_STALL_TIMEOUT": "60"})
     started = time.monotonic()
     # Once the demo's wait has asked this replica (so it is connected), the replica stops answering.
     wait_for_statement(lagging, "%pg_last_wal_replay_lsn%", state="%")
@@ -174,7 +166,7 @@ def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(c
 
 def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster) -> None:
     before = counts_everywhere(cluster)[0]
-    demo = start_demo(cluster, "--users", "500000")
+    demo = stalling_demo(cluster, "--users", "500000")
     wait_for_statement(cluster.primary, "COPY tbl_users%")  # its backend starts after this call begins
     cluster.primary.pause()
     paused_at = time.monotonic()
@@ -201,7 +193,7 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
 
 def test_sigterm_before_the_commit_says_nothing_was_written(cluster: LocalCluster) -> None:
     before = counts_everywhere(cluster)[0]
-    demo = start_demo(cluster, "--users", "300000")
+    demo = stalling_demo(cluster, "--users", "300000")
     wait_for_statement(cluster.primary, "COPY tbl_users%")
     demo.send_signal(signal.SIGTERM)
     _, stderr = demo.communicate(timeout=60)
@@ -216,7 +208,7 @@ def test_sighup_after_the_commit_says_how_many_users_were_committed(cluster: Loc
     before = counts_everywhere(cluster)[0]
     for replica in cluster.replicas:  # the demo waits for them, after its commit
         pause_replay(cluster, replica)
-    demo = start_demo(cluster, "--catchup-timeout", "30")
+    demo = stalling_demo(cluster, "--catchup-timeout", "30")
     assert wait_until(lambda: count_on(cluster.primary) == before + 5, timeout=60)
     demo.send_signal(signal.SIGHUP)
     _, stderr = demo.communicate(timeout=60)
@@ -275,16 +267,6 @@ def test_a_replica_promoted_mid_run_is_refused_and_named(
 # ------------------------------------------------------------------------------------------------
 # 4. Partitions named as the catalog names them
 # ------------------------------------------------------------------------------------------------
-
-
-def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[str, str]:
-    with connect(cluster.primary) as primary:
-        primary.execute(f"DROP DATABASE IF EXISTS {name}")
-        primary.execute(f"CREATE DATABASE {name}")
-    with connect(cluster.primary, dbname=name) as database:
-        for statement in statements:
-            database.execute(statement)
-    return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
 
 
 def test_a_decoy_on_the_search_path_changes_nothing(cluster: LocalCluster, run_in_process: Any) -> None:

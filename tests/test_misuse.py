@@ -6,27 +6,21 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, clean_environment, connect, pause_replay, run_demo, wait_until
-from local_cluster import LocalCluster, PostgresNode, free_port_base
-
-
-def count_on(node: PostgresNode, database: str = "postgres") -> int:
-    with connect(node, dbname=database) as connection:
-        return int(connection.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]
-
-
-def counts_everywhere(cluster: LocalCluster) -> list[int]:
-    """tbl_users' rows on the primary and on each replica, once the replicas have caught up."""
-    primary = count_on(cluster.primary)
-    for replica in cluster.replicas:
-        assert wait_until(lambda replica=replica: count_on(replica) == primary, timeout=30), replica.name
-    return [primary] * len(cluster.nodes)
+from conftest import (
+    connect,
+    count_on,
+    counts_everywhere,
+    database_with,
+    pause_replay,
+    run_demo,
+    start_demo,
+    wait_until,
+)
+from local_cluster import LocalCluster, free_port_base
 
 
 def the_error(stderr: str) -> str:
@@ -39,18 +33,6 @@ def the_error(stderr: str) -> str:
 
 # Every test here breaks the shared cluster on purpose; put it back after each one.
 pytestmark = pytest.mark.usefixtures("healthy_cluster")
-
-
-def start_demo(
-    cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(DEMO), *arguments],
-        env=clean_environment() | cluster.demo_environment() | (env or {}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def wait_for_the_demo_s_copy(cluster: LocalCluster) -> int:
@@ -222,17 +204,6 @@ def test_a_replica_that_refuses_the_login_is_named_as_such(cluster: LocalCluster
 
 
 HASH_PARENT = "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)"
-
-
-def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[str, str]:
-    """A fresh database on the primary (the replicas get it too) and the settings to use it."""
-    with connect(cluster.primary) as primary:
-        primary.execute(f"DROP DATABASE IF EXISTS {name}")
-        primary.execute(f"CREATE DATABASE {name}")
-    with connect(cluster.primary, dbname=name) as database:
-        for statement in statements:
-            database.execute(statement)
-    return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
 
 
 @pytest.mark.parametrize(
