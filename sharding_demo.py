@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -344,8 +344,12 @@ class Watchdog:
                         )
                         self.gave_up_on[server.service] = f"stopped answering ({why})"
                         del self.watched[connection]
-                        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
-                            sock.shutdown(socket.SHUT_RDWR)
+                        # (suppress: libpq may have closed it meanwhile)
+                        with (
+                            suppress(OSError, psycopg.Error),
+                            socket.socket(fileno=os.dup(connection.fileno())) as s,
+                        ):
+                            s.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass(frozen=True)
