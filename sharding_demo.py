@@ -1185,15 +1185,15 @@ class ExitCode(IntEnum):
         6,
         "a failure after the commit: the users are in the table (the message says how many, and the LSN)",
     )
-    REFUSED = 7, "the primary refused or cancelled a statement before the commit: nothing was written"
+    REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
     COMMIT_UNKNOWN = 8, "the primary was lost during the COMMIT: whether the users were written is unknown"
-    SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
-    SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
     SHARD_DOWN = 9, "a shard cannot be reached (or lacks its tables) before the insert: nothing was written"
     PARTLY_COMMITTED = (
         10,
         "a shard refused the COMMIT after another had committed: the message says who kept what",
     )
+    SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
+    SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
     STDOUT_CLOSED = 141, "stdout was closed before the report was printed, as with `| head`"
     SIGTERM = 143, "SIGTERM (timeout, systemd, docker stop): the message says whether anything was committed"
 
@@ -1532,7 +1532,13 @@ class FlagParser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         lines = ["", "environment variables (also read from .env in this folder; a flag wins):"]
-        for settings_class in (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings):
+        for settings_class in (
+            MasterDBSettings,
+            ReplicaOneSettings,
+            ReplicaTwoSettings,
+            ShardOneSettings,
+            ShardTwoSettings,
+        ):
             prefix = settings_class.model_config.get("env_prefix")
             names = ", ".join(f"{prefix}{name.upper()}" for name in settings_class.model_fields)
             defaults = ", ".join(
@@ -1544,7 +1550,11 @@ class FlagParser(argparse.ArgumentParser):
                 for field in settings_class.model_fields.values()
             )
             lines += [f"  {names}", f"      {settings_class.service} (defaults: {defaults})"]
-        lines += ["  and DEMO_<FLAG> for each flag above, such as DEMO_CATCHUP_TIMEOUT", "", "exit codes:"]
+        lines += [
+            "  and DEMO_<FLAG> for each flag above, e.g. DEMO_CATCHUP_TIMEOUT (DEMO_JSON_OUTPUT for --json)",
+            "",
+            "exit codes:",
+        ]
         lines += [f"  {code.value:<4}{code.meaning}" for code in ExitCode]
         return super().format_help() + "\n".join(lines) + "\n"
 
