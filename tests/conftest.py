@@ -41,8 +41,7 @@ def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
         if not node.running:
             node.start()
     for replica in cluster.replicas:
-        with connect(replica) as connection:
-            connection.execute("SELECT pg_wal_replay_resume()")
+        resume_replay(replica)
     cluster.wait_for_streaming()
 
 
@@ -58,6 +57,12 @@ def pause_replay(cluster: LocalCluster, replica: PostgresNode) -> None:
             return connection.execute("SELECT pg_get_wal_replay_pause_state()").fetchone() == ("paused",)
 
         assert wait_until(paused, timeout=30), f"{replica.name} did not pause its replay"
+
+
+def resume_replay(replica: PostgresNode) -> None:
+    """Let `replica` replay WAL again, after pause_replay (a no-op if it was not paused)."""
+    with connect(replica) as connection:
+        connection.execute("SELECT pg_wal_replay_resume()")
 
 
 def connect(

@@ -27,6 +27,7 @@ from conftest import (
     counts_everywhere,
     database_with,
     pause_replay,
+    resume_replay,
     run_demo,
     start_demo,
     wait_until,
@@ -68,6 +69,18 @@ def wait_for_statement(node: PostgresNode, like: str, state: str = "active") -> 
             )
 
     assert wait_until(running, timeout=90, interval=0.02), f"no demo statement like {like!r} on {node.name}"
+
+
+def stop_until_the_demo_ends(node: PostgresNode, demo: subprocess.Popen[str]) -> tuple[str, str, float]:
+    """SIGSTOP every process of `node` until the demo ends, then SIGCONT them: the demo's stdout and
+    stderr, and the seconds from the stop to the end."""
+    node.pause()
+    paused_at = time.monotonic()
+    try:
+        stdout, stderr = demo.communicate(timeout=60)
+    finally:
+        node.resume()
+    return stdout, stderr, time.monotonic() - paused_at
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,13 +130,7 @@ def test_a_replica_stopped_during_the_catch_up_wait_is_cut_off_at_the_stall_boun
     pause_replay(cluster, lagging)  # so that the demo keeps asking it
     demo = stalling_demo(cluster, "--json", "--catchup-timeout", "30")
     wait_for_statement(lagging, "%pg_last_wal_replay_lsn%", state="%")  # the demo's wait asks it
-    lagging.pause()
-    paused_at = time.monotonic()
-    try:
-        stdout, stderr = demo.communicate(timeout=60)
-    finally:
-        lagging.resume()
-    seconds = time.monotonic() - paused_at
+    stdout, stderr, seconds = stop_until_the_demo_ends(lagging, demo)
 
     assert demo.returncode == 0, stderr
     assert errors_of(stderr) == []
@@ -133,8 +140,7 @@ def test_a_replica_stopped_during_the_catch_up_wait_is_cut_off_at_the_stall_boun
     assert skip["reason"] == f"stopped answering (nothing for {STALL} s)"
     assert seconds < float(STALL) + 3, seconds  # the stall bound, not the 30 s of the catch-up
     assert {partition["read_from"] for partition in report["partitions"]} == {cluster.replicas[1].name}
-    with connect(lagging) as connection:
-        connection.execute("SELECT pg_wal_replay_resume()")
+    resume_replay(lagging)
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 
@@ -146,11 +152,7 @@ def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(c
     started = time.monotonic()
     # Once the demo's wait has asked this replica (so it is connected), the replica stops answering.
     wait_for_statement(lagging, "%pg_last_wal_replay_lsn%", state="%")
-    lagging.pause()
-    try:
-        stdout, stderr = demo.communicate(timeout=60)
-    finally:
-        lagging.resume()
+    stdout, stderr, _ = stop_until_the_demo_ends(lagging, demo)
     seconds = time.monotonic() - started
 
     assert demo.returncode == 0, stderr
@@ -159,8 +161,7 @@ def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(c
         in stdout
     )
     assert seconds < 2 + 4, seconds  # the catch-up deadline (2 s), not the stall bound (60 s)
-    with connect(lagging) as connection:
-        connection.execute("SELECT pg_wal_replay_resume()")
+    resume_replay(lagging)
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 
@@ -168,13 +169,7 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
     before = counts_everywhere(cluster)[0]
     demo = stalling_demo(cluster, "--users", "500000")
     wait_for_statement(cluster.primary, "COPY tbl_users%")  # its backend starts after this call begins
-    cluster.primary.pause()
-    paused_at = time.monotonic()
-    try:
-        _, stderr = demo.communicate(timeout=60)
-    finally:
-        cluster.primary.resume()
-    seconds = time.monotonic() - paused_at
+    _, stderr, seconds = stop_until_the_demo_ends(cluster.primary, demo)
 
     assert demo.returncode == 3, stderr
     [line] = errors_of(stderr)
@@ -218,8 +213,7 @@ def test_sighup_after_the_commit_says_how_many_users_were_committed(cluster: Loc
         "sharding_demo.py: error: interrupted (SIGHUP) after the commit: 5 users were committed"
     )
     for replica in cluster.replicas:
-        with connect(replica) as connection:
-            connection.execute("SELECT pg_wal_replay_resume()")
+        resume_replay(replica)
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 

@@ -16,6 +16,7 @@ from conftest import (
     counts_everywhere,
     database_with,
     pause_replay,
+    resume_replay,
     run_demo,
     start_demo,
     wait_until,
@@ -73,8 +74,7 @@ def test_primary_lost_after_the_commit_says_what_was_committed(cluster: LocalClu
     assert "do not run again" in line
     cluster.primary.start()
     for replica in cluster.replicas:
-        with connect(replica) as connection:
-            connection.execute("SELECT pg_wal_replay_resume()")
+        resume_replay(replica)
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 
