@@ -1298,9 +1298,9 @@ class CommitRefused(DemoError):
 
 
 def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
-    prefix = shard.settings.model_config.get("env_prefix")
     if error is None:
-        what = f"has no table {', '.join(names)}: check {prefix}HOST and {prefix}PORT"
+        host, port = variable_of(shard.settings, "host"), variable_of(shard.settings, "port")
+        what = f"has no table {', '.join(names)}: check {host} and {port}"
     else:
         what = replica_failure(shard, error)
     return DemoError(
@@ -1331,7 +1331,6 @@ def cause(server: Server, error: BaseException) -> str:
 
 
 def not_text(server: Server) -> str:
-    prefix = str(server.settings.model_config.get("env_prefix"))
     for field in ("host", "user", "password", "name"):
         value = getattr(server.settings, field)
         value = value.get_secret_value() if isinstance(value, SecretStr) else value
@@ -1344,8 +1343,11 @@ def not_text(server: Server) -> str:
                 if 0xDC80 <= ord(character) <= 0xDCFF
                 else repr(character)
             )
-            return f"{prefix}{field.upper()} is not UTF-8 text ({byte}), so it cannot be sent to the server"
-    return f"{prefix}HOST cannot be encoded as a host name"
+            return (
+                f"{variable_of(server.settings, field)} is not UTF-8 text ({byte}), so it cannot be sent "
+                "to the server"
+            )
+    return f"{variable_of(server.settings, 'host')} cannot be encoded as a host name"
 
 
 def refused_login(error: BaseException) -> bool:
@@ -1397,13 +1399,11 @@ LAYOUT_THE_DEMO_KNOWS = (
 
 
 def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
-    where, variables = (
-        f"{primary.service} ({primary.address})",
-        primary.settings.model_config.get("env_prefix"),
-    )
+    where = f"{primary.service} ({primary.address})"
     if facts.identity[0]:
+        host, port = variable_of(primary.settings, "host"), variable_of(primary.settings, "port")
         return DemoError(
-            f"{where} is a standby, not the primary: check {variables}HOST and {variables}PORT",
+            f"{where} is a standby, not the primary: check {host} and {port}",
             ExitCode.CONFIG,
         )
     if not facts.partitions:
@@ -1431,9 +1431,9 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
 
 
 def replica_failure(replica: Server, error: BaseException) -> str:
-    prefix = str(replica.settings.model_config.get("env_prefix"))
     if refused_login(error):
-        return f"refused the login: {one_line(error)}: check {prefix}USER and {prefix}PASSWORD"
+        user, password = variable_of(replica.settings, "user"), variable_of(replica.settings, "password")
+        return f"refused the login: {one_line(error)}: check {user} and {password}"
     if isinstance(error, UnicodeError) or replica.service in replica.watchdog.gave_up_on:
         return cause(replica, error)
     return f"unreachable: {one_line(error)}"
@@ -1442,7 +1442,7 @@ def replica_failure(replica: Server, error: BaseException) -> str:
 def what_it_is_instead(replica: Server, identity: tuple[Any, ...], primary: tuple[Any, ...]) -> str:
     """Why a server is not a standby of the primary: a promoted copy, the primary, or another cluster's."""
     in_recovery, system_identifier, started_at = identity
-    fix = f"check {replica.settings.model_config.get('env_prefix')}HOST and PORT"
+    fix = f"check {variable_of(replica.settings, 'host')} and PORT"
     if system_identifier != primary[1]:
         what = "a standby of another cluster" if in_recovery else "the primary of another cluster"
         return f"is {what} (system identifier {system_identifier}, the primary's is {primary[1]}): {fix}"
@@ -1539,8 +1539,7 @@ class FlagParser(argparse.ArgumentParser):
             ShardOneSettings,
             ShardTwoSettings,
         ):
-            prefix = settings_class.model_config.get("env_prefix")
-            names = ", ".join(f"{prefix}{name.upper()}" for name in settings_class.model_fields)
+            names = ", ".join(variable_of(settings_class, name) for name in settings_class.model_fields)
             defaults = ", ".join(
                 str(
                     field.default.get_secret_value()
@@ -1563,7 +1562,7 @@ def read_flags(argv: Sequence[str]) -> DemoSettings:
     """The flags, made from DemoSettings' fields, over the DEMO_* variables; pydantic checks both."""
     parser = FlagParser(prog="sharding_demo.py", description=__doc__.splitlines()[0])
     for name, field in DemoSettings.model_fields.items():
-        help_text = f"{field.description} (default: $DEMO_{name.upper()} or {field.default})"
+        help_text = f"{field.description} (default: ${variable_of(DemoSettings, name)} or {field.default})"
         if field.annotation is bool:
             parser.add_argument(flag_of(name), dest=name, action="store_const", const=True, help=help_text)
         else:
@@ -1579,6 +1578,11 @@ def flag_of(name: str) -> str:
     return str(extra["flag"]) if isinstance(extra, dict) else "--" + name.replace("_", "-")
 
 
+def variable_of(settings: BaseSettings | type[BaseSettings], name: str) -> str:
+    """A setting's environment variable: its class's prefix and its name, e.g. REPLICA_ONE_HOST."""
+    return f"{settings.model_config.get('env_prefix')}{name.upper()}"
+
+
 def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str, Any]) -> DemoError:
     """'invalid setting MASTER_DB_PORT=abc: Input should be a valid integer ...' from pydantic's error."""
     if isinstance(error, UnicodeDecodeError):
@@ -1592,7 +1596,7 @@ def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str
     if name in flags:
         variable = f"{flag_of(name)} {flags[name]}"
     else:
-        variable = str(settings_class.model_config.get("env_prefix")) + name.upper()
+        variable = variable_of(settings_class, name)
         variable += "" if variable.endswith("PASSWORD") else f"={first.get('input')}"
     return DemoError(f"invalid setting {variable}: {first['msg']}", ExitCode.CONFIG)
 
@@ -1628,7 +1632,7 @@ def settings_warnings() -> list[str]:
         warnings += dollar_warnings(path)
     else:
         values = {}
-    known = {"DEMO_" + name.upper() for name in DemoSettings.model_fields}
+    known = {variable_of(DemoSettings, name) for name in DemoSettings.model_fields}
     names = {name.upper() for name in [*os.environ, *values] if name.upper().startswith("DEMO_")}
     warnings += [
         f"{name} is not a setting of this demo, and is ignored (it has {', '.join(sorted(known))})"
