@@ -411,12 +411,9 @@ def check_primary(primary: Server) -> PrimaryFacts:
     partitions = []
     for oid, schema, name, bound, shard, *kind_key_readable in rows:
         match = re.fullmatch(r"FOR VALUES WITH \(modulus (\d+), remainder (\d+)\)", bound)
-        plain_or_on_a_shard = ["r", "HASH (id)", True] if shard is None else ["f", "HASH (id)", True]
-        if (
-            kind_key_readable != plain_or_on_a_shard
-            or match is None
-            or shard not in (None, "shard-one", "shard-two")
-        ):
+        # a plain table ("r"), or a foreign table ("f") on a shard; hashed on id; readable by us
+        expected = ["r" if shard is None else "f", "HASH (id)", True]
+        if kind_key_readable != expected or match is None or shard not in (None, "shard-one", "shard-two"):
             raise unusable_partition(primary, f"{schema}.{name}", shard, *kind_key_readable)
         partitions.append(Partition(oid, schema, name, int(match[1]), int(match[2]), bound, shard))
     facts = PrimaryFacts(str(version), identity, partitions)  # type: ignore[arg-type]
@@ -679,9 +676,8 @@ class Report:
     catchup: dict[str, float]  # seconds each replica took to replay the commit
     ids: Sequence[bytes]  # this run's users' ids: user number n's is ids[n]
     predicted: Counter[int]  # this run's users per partition oid, predicted in Python
-    landing: Answer[
-        tuple[Counter[int], dict[int, int]]
-    ]  # users per partition oid; the first ones' partitions
+    # users per partition oid; the partitions of the first `show` users
+    landing: Answer[tuple[Counter[int], dict[int, int]]]
     on_shards: dict[str, Counter[str]]  # this run's users that each shard stores, per partition
     contents: list[Answer[tuple[int, list[Any]]]]  # per partition: its count, and its first rows
     first_user: Answer[User | None]
@@ -747,10 +743,11 @@ def render_text(report: Report) -> str:
         f"(tableoid, read from {where(report.landing.server)}):",
     ]
     for number, predicted, actual in report.new_users():
-        verdict, moved = "ok" if actual == predicted else "MISMATCH", f"{predicted.name}{stored(predicted)}"
+        verdict = "ok" if actual == predicted else "MISMATCH"
+        found = actual.name + stored(actual) if actual else "not found"
         lines.append(
-            f"  {user_name(number):<12} {uuid.UUID(bytes=report.ids[number])}  {moved} -> "
-            f"{actual.name + stored(actual) if actual else 'not found'}  {verdict}"
+            f"  {user_name(number):<12} {uuid.UUID(bytes=report.ids[number])}  "
+            f"{predicted.name}{stored(predicted)} -> {found}  {verdict}"
         )
     if written.users > report.show:
         lines += [f"  ... and {written.users - report.show:,} more", *landing_table(report)]  # appendix B
