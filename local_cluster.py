@@ -197,9 +197,7 @@ def find_bindir(explicit: str | None = None) -> Path:
 
 def server_version(bindir: Path) -> str:
     """'15.18' from 'postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)'."""
-    output = subprocess.run(
-        [bindir / "postgres", "--version"], capture_output=True, text=True, check=True
-    ).stdout
+    output = subprocess.run([bindir / "postgres", "--version"], capture_output=True, text=True, check=True).stdout
     match = re.search(r"\(PostgreSQL\) (\S+)", output)
     return match.group(1) if match else output.strip()
 
@@ -230,23 +228,13 @@ class Runner:
             except KeyError:
                 continue
             return cls(bindir, entry.pw_uid, entry.pw_gid, home)
-        raise ClusterError(
-            "running as root, and there is no 'postgres' or 'nobody' user to run the servers as"
-        )
+        raise ClusterError("running as root, and there is no 'postgres' or 'nobody' user to run the servers as")
 
-    def run(
-        self, program: str | Path, *arguments: str | Path, env: dict[str, str], log: Path | None = None
-    ) -> str:
+    def run(self, program: str | Path, *arguments: str | Path, env: dict[str, str], log: Path | None = None) -> str:
         """Run `program` (a name in bindir, or a path) and return its output; on failure, raise a
         ClusterError with the last lines it and the server's `log` wrote."""
-        executable = (
-            self.bindir / program
-            if isinstance(program, str) and (self.bindir / program).exists()
-            else program
-        )
-        switch_user = (
-            {} if self.uid == os.geteuid() else {"user": self.uid, "group": self.gid, "extra_groups": []}
-        )
+        executable = self.bindir / program if isinstance(program, str) and (self.bindir / program).exists() else program
+        switch_user = {} if self.uid == os.geteuid() else {"user": self.uid, "group": self.gid, "extra_groups": []}
         result = subprocess.run(
             [str(part) for part in (executable, *arguments)],
             env={
@@ -263,9 +251,7 @@ class Runner:
         )
         if result.returncode != 0:
             details = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            log_tail = (
-                log.read_text(errors="replace").strip().splitlines()[-3:] if log and log.exists() else []
-            )
+            log_tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log and log.exists() else []
             name = program.name if isinstance(program, Path) else program
             raise ClusterError(f"{name} failed: " + " | ".join(details + log_tail))
         return result.stdout
@@ -625,16 +611,12 @@ class LocalCluster:
         wanted = {replica.name for replica in self.replicas}
         deadline = time.monotonic() + timeout
         while True:
-            rows = self.primary.query(
-                "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'"
-            )
+            rows = self.primary.query("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")
             streaming = {str(name) for (name,) in rows}
             if wanted <= streaming:
                 return
             if time.monotonic() > deadline:
-                raise ClusterError(
-                    f"replicas not streaming after {timeout:.0f}s: {sorted(wanted - streaming)}"
-                )
+                raise ClusterError(f"replicas not streaming after {timeout:.0f}s: {sorted(wanted - streaming)}")
             time.sleep(0.1)
 
     def add_standby(self, name: str, port: int, slot: str) -> PostgresNode:
@@ -759,9 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
-        cluster = LocalCluster(
-            port_base=arguments.port_base, bindir=arguments.bindir, sharded=arguments.sharded
-        )
+        cluster = LocalCluster(port_base=arguments.port_base, bindir=arguments.bindir, sharded=arguments.sharded)
         if arguments.command:
             return run_command(cluster, arguments.command)
         return run_until_interrupted(cluster)
@@ -781,9 +761,7 @@ def run_command(cluster: LocalCluster, command: list[str]) -> int:
         print(f"local_cluster.py: {line}", file=sys.stderr, flush=True)
 
     names = ", ".join(node.name for node in cluster.nodes)
-    say(
-        f"starting PostgreSQL {cluster.version}: {names} (ports {cluster.port_base}-{cluster.nodes[-1].port})"
-    )
+    say(f"starting PostgreSQL {cluster.version}: {names} (ports {cluster.port_base}-{cluster.nodes[-1].port})")
     try:
         with cluster:
             say(f"both replicas streaming; running: {shlex.join(command)}")

@@ -108,13 +108,9 @@ class DemoSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DEMO_", env_file=".env", extra="ignore")
     users: int = Field(default=5, ge=1, le=10_000_000, description="how many users to insert")
-    show: int = Field(
-        default=10, ge=0, le=10_000, description="how many new users, and rows per partition, to print"
-    )
+    show: int = Field(default=10, ge=0, le=10_000, description="how many new users, and rows per partition, to print")
     json_output: bool = Field(default=False, description="print JSON", json_schema_extra={"flag": "--json"})
-    read_policy: Literal["random", "round-robin"] = Field(
-        default="random", description="how to pick a replica"
-    )
+    read_policy: Literal["random", "round-robin"] = Field(default="random", description="how to pick a replica")
     catchup_timeout: float = Field(default=5.0, ge=0, le=3600, description="seconds to wait for the replicas")
     connect_timeout: int = Field(default=3, ge=1, le=600, description="seconds to wait for a connection")
     stall_timeout: float = Field(default=10.0, gt=0, le=3600, description="seconds a server may not answer")
@@ -162,9 +158,7 @@ def user_name(number: int) -> str:  # the original demo's five, then made-up nam
 
 def run(settings: DemoSettings) -> Report:
     # 1. config: where the servers are (the demo's own settings came from main)
-    server_settings = [
-        load_settings(each) for each in (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings)
-    ]
+    server_settings = [load_settings(each) for each in (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings)]
 
     # 2. engines, with every connection watched, so that no wait lasts for ever; then, before
     #    anything is written, check the primary, read how tbl_users is partitioned, and check the
@@ -209,9 +203,7 @@ def run(settings: DemoSettings) -> Report:
                 router.read(lambda session, p=p: partition_contents(session, p, settings.show))
                 for p in facts.partitions
             ]
-            first_user = router.read(
-                lambda session: session.scalars(select(User).order_by(User.id).limit(1)).first()
-            )
+            first_user = router.read(lambda session: session.scalars(select(User).order_by(User.id).limit(1)).first())
             pruning = router.read(lambda session: tables_read_by_queries(session, ids[0]))
         except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             raise failure_after_commit(written, error) from None
@@ -282,9 +274,7 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
     # URL.create quotes each part itself, so a password with @ : / % or spaces works; building
     # "postgresql://user:password@host/db" with an f-string would not.
     password = settings.password.get_secret_value()
-    url = URL.create(
-        "postgresql+psycopg", settings.user, password, settings.host, settings.port, settings.name
-    )
+    url = URL.create("postgresql+psycopg", settings.user, password, settings.host, settings.port, settings.name)
     engine = create_engine(
         url,
         # Without this, SQLAlchemy looks up the hstore type on each new connection: noise in the
@@ -334,9 +324,7 @@ class Watchdog:
                         self.watched[connection] = (server, None)
                     elif busy_since is None:
                         self.watched[connection] = (server, now)
-                    elif (
-                        now > self.deadline or now - max(busy_since, self.last_progress) > self.stall_timeout
-                    ):
+                    elif now > self.deadline or now - max(busy_since, self.last_progress) > self.stall_timeout:
                         why = (
                             f"nothing for {self.stall_timeout:g} s"
                             if now <= self.deadline
@@ -378,9 +366,7 @@ class PrimaryFacts:
 
 # Who a server is: a standby (in recovery) or not; of which cluster (initdb made the system
 # identifier, and every clone of that server shares it); since when it runs.
-IDENTITY = (
-    "SELECT pg_is_in_recovery(), system_identifier, pg_postmaster_start_time() FROM pg_control_system()"
-)
+IDENTITY = "SELECT pg_is_in_recovery(), system_identifier, pg_postmaster_start_time() FROM pg_control_system()"
 
 
 def check_primary(primary: Server) -> PrimaryFacts:
@@ -428,11 +414,7 @@ def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
     names = [partition.name for partition in facts.partitions if partition.shard == shard.service]
     try:
         with shard.engine.connect() as connection:
-            missing = [
-                name
-                for name in names
-                if connection.scalar(text("SELECT to_regclass(:t)"), {"t": name}) is None
-            ]
+            missing = [name for name in names if connection.scalar(text("SELECT to_regclass(:t)"), {"t": name}) is None]
     except DATABASE_ERRORS as error:
         raise shard_failed(shard, names, error) from None
     if missing:
@@ -494,9 +476,7 @@ class ReadWriteRouter:
             server = self.for_read()
             # REPEATABLE READ: all of `work` sees one snapshot, so a count and the rows listed agree,
             # even while others write. Hot standbys allow it.
-            engine = server.engine.execution_options(
-                isolation_level="REPEATABLE READ", postgresql_readonly=True
-            )
+            engine = server.engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             try:
                 with Session(engine) as session:
                     result = work(session)
@@ -588,9 +568,7 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
 # ======== Step 6. Read back from the replicas, and from the shards ==============================
 
 
-def where_users_landed(
-    session: Session, ids: Sequence[bytes], show: int
-) -> tuple[Counter[int], dict[int, int]]:
+def where_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tuple[Counter[int], dict[int, int]]:
     """Where the server put this run's users: how many in each partition (by oid), and the partition
     of each of the first `show`. tableoid is the oid of the table a row is stored in. Our ids were
     made in increasing order, so one query lists the rows from our first id to our last, in id
@@ -620,9 +598,7 @@ def users_on_shard(shard: Server, ids: Sequence[bytes]) -> Counter[str]:
     with Session(shard.engine) as session:
         counts, _ = where_users_landed(session, ids, 0)
         names = dict(
-            session.execute(
-                text("SELECT oid, relname FROM pg_class WHERE oid = ANY(:o)"), {"o": list(counts)}
-            ).all()
+            session.execute(text("SELECT oid, relname FROM pg_class WHERE oid = ANY(:o)"), {"o": list(counts)}).all()
         )
     return Counter({names[oid]: count for oid, count in counts.items()})
 
@@ -632,9 +608,7 @@ def partition_contents(session: Session, partition: Partition, show: int) -> tup
     schema and name from the catalog (SQLAlchemy quotes them), not through the search_path, where
     another table of the same name could come first. The first user, below, is read through the
     parent, which reads every partition: ids are UUIDv7, so the smallest is the oldest user."""
-    rows = table(
-        partition.name, column("id", Uuid()), column("first_name", String()), schema=partition.schema
-    )
+    rows = table(partition.name, column("id", Uuid()), column("first_name", String()), schema=partition.schema)
     count = session.scalar(select(func.count()).select_from(rows)) or 0
     return count, list(session.execute(select(rows).order_by(rows.c.id).limit(show)))
 
@@ -699,9 +673,7 @@ class Report:
             for shard, held in self.on_shards.items():
                 expected = self.predicted[partition.oid] if shard == partition.shard else 0
                 if held.get(partition.name, 0) != expected:
-                    wrong.append(
-                        f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}"
-                    )
+                    wrong.append(f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}")
         return "yes" if not wrong else "MISMATCH: " + "; ".join(wrong)
 
     @property
@@ -724,18 +696,14 @@ def render_text(report: Report) -> str:
     waits = {name: f"caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()}
     for skip in report.skipped:
         if skip.when == "waited for":
-            waits[f"{skip.replica.service} ({skip.replica.address})"] = (
-                f"{skip.reason}: left out of the reads"
-            )
+            waits[f"{skip.replica.service} ({skip.replica.address})"] = f"{skip.reason}: left out of the reads"
     lines = [
         f"PostgreSQL {report.primary.version}",
         "tbl_users is hash partitioned: a partition FOR VALUES WITH (modulus m, remainder r) takes the rows",
-        "whose hash(id) mod m = r."
-        + (" Its partitions are foreign tables on the shards." if report.on_shards else ""),
+        "whose hash(id) mod m = r." + (" Its partitions are foreign tables on the shards." if report.on_shards else ""),
         "",
         f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
-        f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have "
-        "replayed it,",
+        f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have replayed it,",
         "so the demo waits for them, and then reads from those that did (read-your-writes):",
         *[f"  {replica}: {outcome}" for replica, outcome in sorted(waits.items())],
         "",
@@ -792,15 +760,12 @@ def render_text(report: Report) -> str:
             f"User: {first.first_name} (ID: {first.id}, CreatedDate: "
             + (f"{created:%Y-%m-%d %H:%M:%S} UTC)" if created else "not a UUIDv7)"),
             "  the smallest id in the table: the oldest user of every run so far",
-            "  its creation time is decoded from the UUIDv7 itself; read from "
-            f"{where(report.first_user.server)}",
+            f"  its creation time is decoded from the UUIDv7 itself; read from {where(report.first_user.server)}",
         ]
 
     # A replica left out by the wait is told there; say here what happened after it.
     later = [
-        f"  {skip.replica.service} left out: {skip.reason}"
-        for skip in report.skipped
-        if skip.when != "waited for"
+        f"  {skip.replica.service} left out: {skip.reason}" for skip in report.skipped if skip.when != "waited for"
     ]
     if report.primary_served_reads:
         later.append(f"  no replica left, so reads went to the primary {primary.service}")
@@ -871,9 +836,7 @@ def lookup3_final(a: int, b: int, c: int) -> tuple[int, int, int]:
 
 
 START = (0x9E3779B9 + 16 + 3923095) & M  # where a, b and c start for a 16-byte key
-SEEDED = lookup3_mix(
-    (START + (HASH_PARTITION_SEED >> 32)) & M, (START + (HASH_PARTITION_SEED & M)) & M, START
-)
+SEEDED = lookup3_mix((START + (HASH_PARTITION_SEED >> 32)) & M, (START + (HASH_PARTITION_SEED & M)) & M, START)
 
 
 def partition_row_hash(id_bytes: bytes) -> int:
@@ -1030,8 +993,7 @@ def landing_table(report: Report) -> list[str]:
     spread = report.written.users >= 1000
     lines = ["", f"This run's {report.written.users:,} users by partition:"]
     lines.append(
-        f"  {'partition':<14} {'predicted':>10} {'actual':>10}"
-        + (f" {'share':>8} {'vs even':>8}" if spread else "")
+        f"  {'partition':<14} {'predicted':>10} {'actual':>10}" + (f" {'share':>8} {'vs even':>8}" if spread else "")
     )
     for partition in report.primary.partitions:
         line = f"  {partition.name:<14} {report.predicted[partition.oid]:>10,} {landed[partition.oid]:>10,}"
@@ -1065,9 +1027,7 @@ def print_json(report: Report) -> None:
         "insert_method": written.method,
         "users_inserted": written.users,
         "commit_lsn": written.commit_lsn,
-        "catchup": [
-            {"replica": name, "seconds": round(seconds, 4)} for name, seconds in report.catchup.items()
-        ],
+        "catchup": [{"replica": name, "seconds": round(seconds, 4)} for name, seconds in report.catchup.items()],
         "inserted": [
             {
                 "id": str(uuid.UUID(bytes=report.ids[number])),
@@ -1141,9 +1101,7 @@ def served_json(server: Server, report: Report, verb: str) -> dict[str, Any]:
 
 
 def report_warnings(report: Report) -> list[str]:
-    lines = [
-        f"{skip.replica.service} ({skip.replica.address}) skipped: {skip.reason}" for skip in report.skipped
-    ]
+    lines = [f"{skip.replica.service} ({skip.replica.address}) skipped: {skip.reason}" for skip in report.skipped]
     if report.primary_served_reads:
         lines.append(f"no replica left: reads went to the primary {report.written.primary.service}")
     return lines
@@ -1170,8 +1128,7 @@ class ExitCode(IntEnum):
     CONFIG = 2, "an invalid setting or flag (the message names it)"
     PRIMARY_LOST = (
         3,
-        "the primary cannot be reached, was lost, or stopped answering before the commit: nothing was "
-        "written",
+        "the primary cannot be reached, was lost, or stopped answering before the commit: nothing was written",
     )
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = (
@@ -1234,8 +1191,7 @@ def output_failed(report: Report, error: BaseException) -> int:
     """The report could not be printed: its reader went away (`| head`), or the run was interrupted."""
     if isinstance(error, KeyboardInterrupt):
         print(
-            f"sharding_demo.py: error: {interrupted(error, 'while printing the report')}; "
-            f"{committed(report.written)}",
+            f"sharding_demo.py: error: {interrupted(error, 'while printing the report')}; {committed(report.written)}",
             file=sys.stderr,
         )
         return exit_code_of(error)
@@ -1280,15 +1236,11 @@ class CommitRefused(DemoError):
             except DATABASE_ERRORS as error:
                 kept[shard.service] = f"an unknown number ({cause(shard, error)})"
         if all(count == "0" for count in kept.values()):
-            return DemoError(
-                f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED
-            )
+            return DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
         return DemoError(
             f"{self.primary.service} refused the COMMIT: {self.reason}; partly committed, as read on "
             "each shard: "
-            + ", ".join(
-                f"{shard} kept {count} of this run's {self.users:,} users" for shard, count in kept.items()
-            )
+            + ", ".join(f"{shard} kept {count} of this run's {self.users:,} users" for shard, count in kept.items())
             + "; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them",
             ExitCode.PARTLY_COMMITTED,
         )
@@ -1335,14 +1287,9 @@ def not_text(server: Server) -> str:
             value.encode()
         except UnicodeEncodeError as error:
             character = value[error.start]
-            byte = (
-                f"byte {ord(character) - 0xDC00:#04x}"
-                if 0xDC80 <= ord(character) <= 0xDCFF
-                else repr(character)
-            )
+            byte = f"byte {ord(character) - 0xDC00:#04x}" if 0xDC80 <= ord(character) <= 0xDCFF else repr(character)
             return (
-                f"{variable_of(server.settings, field)} is not UTF-8 text ({byte}), so it cannot be sent "
-                "to the server"
+                f"{variable_of(server.settings, field)} is not UTF-8 text ({byte}), so it cannot be sent to the server"
             )
     return f"{variable_of(server.settings, 'host')} cannot be encoded as a host name"
 
@@ -1372,9 +1319,7 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
     return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
 
-def unusable_partition(
-    primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool
-) -> DemoError:
+def unusable_partition(primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool) -> DemoError:
     where = f"{primary.service} ({primary.address})"
     if key != "HASH (id)":
         what = f"has tbl_users partitioned by {key}"
@@ -1445,10 +1390,7 @@ def what_it_is_instead(replica: Server, identity: tuple[Any, ...], primary: tupl
         return f"is {what} (system identifier {system_identifier}, the primary's is {primary[1]}): {fix}"
     if started_at == primary[2]:
         return f"is the primary itself, not a standby (pg_is_in_recovery() is false): {fix}"
-    return (
-        "was promoted: it is a primary now (pg_is_in_recovery() is false), "
-        "a copy of this primary gone its own way"
-    )
+    return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
 
 
 def still_behind(lag: int | None, elapsed: float) -> str:
@@ -1498,9 +1440,7 @@ def failure_of_the_write(
             f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written",
             ExitCode.PRIMARY_LOST,
         )
-    return DemoError(
-        f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED
-    )
+    return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
 
 
 def failure_after_commit(written: Written, error: BaseException) -> DemoError:
@@ -1538,11 +1478,7 @@ class FlagParser(argparse.ArgumentParser):
         ):
             names = ", ".join(variable_of(settings_class, name) for name in settings_class.model_fields)
             defaults = ", ".join(
-                str(
-                    field.default.get_secret_value()
-                    if isinstance(field.default, SecretStr)
-                    else field.default
-                )
+                str(field.default.get_secret_value() if isinstance(field.default, SecretStr) else field.default)
                 for field in settings_class.model_fields.values()
             )
             lines += [f"  {names}", f"      {settings_class.service} (defaults: {defaults})"]
@@ -1620,11 +1556,7 @@ def settings_warnings() -> list[str]:
             logger.removeHandler(handler)
             logger.disabled = True
         if unparsed:
-            where = (
-                f"lines {', '.join(map(str, unparsed))} were"
-                if len(unparsed) > 1
-                else f"line {unparsed[0]} was"
-            )
+            where = f"lines {', '.join(map(str, unparsed))} were" if len(unparsed) > 1 else f"line {unparsed[0]} was"
             warnings.append(f".env {where} not NAME=value, and ignored")
         warnings += dollar_warnings(path)
     else:

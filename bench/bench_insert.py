@@ -134,11 +134,7 @@ def child(method: str, count: int, environment: dict[str, str]) -> dict[str, flo
         )
     ]
     maker = sharding_demo.UUIDv7Maker()
-    prepared = (
-        [(maker.new(), sharding_demo.user_name(n)) for n in range(count)]
-        if method == "server-ceiling"
-        else []
-    )
+    prepared = [(maker.new(), sharding_demo.user_name(n)) for n in range(count)] if method == "server-ceiling" else []
     started = time.perf_counter()
     if method == "server-ceiling":
         load_prepared_rows(primary.settings, prepared)
@@ -228,10 +224,7 @@ def largest_deviation_from_even(cluster: LocalCluster) -> float:
 
 
 def print_load_table(results: dict[tuple[str, int], dict[str, float]], sizes: list[int]) -> None:
-    header = (
-        f"{'N':>9}  {'method':<14} {'rows/s':>10} {'vs baseline':>12} {'peak RSS':>9}"
-        f" {'replicas caught up':>19}"
-    )
+    header = f"{'N':>9}  {'method':<14} {'rows/s':>10} {'vs baseline':>12} {'peak RSS':>9} {'replicas caught up':>19}"
     print(header)
     print("-" * len(header))
     for count in sizes:
@@ -256,9 +249,7 @@ def print_load_table(results: dict[tuple[str, int], dict[str, float]], sizes: li
 
 
 def print_end_to_end_table(results: dict[tuple[str, int], dict[str, float]], sizes: list[int]) -> None:
-    print(
-        "End to end: `python sharding_demo.py --users N --show 2`, from process start to exit, on an emptied"
-    )
+    print("End to end: `python sharding_demo.py --users N --show 2`, from process start to exit, on an emptied")
     print("table (ratios: its time over the copy-baseline's load and over the server-ceiling's, above)")
     header = f"{'N':>9}  {'end to end':>11} {'vs baseline':>12} {'vs ceiling':>11} {'peak RSS':>9}"
     print(header)
@@ -300,9 +291,7 @@ def print_uuid_table(v7: dict[str, float], v4: dict[str, float], count: int) -> 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument(
         "--orm-max", type=int, default=1_000_000, help="largest N to run the naive ORM at (default: all)"

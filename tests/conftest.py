@@ -65,9 +65,7 @@ def resume_replay(replica: PostgresNode) -> None:
         connection.execute("SELECT pg_wal_replay_resume()")
 
 
-def connect(
-    node: PostgresNode, dbname: str = "postgres", **options: object
-) -> psycopg.Connection[tuple[object, ...]]:
+def connect(node: PostgresNode, dbname: str = "postgres", **options: object) -> psycopg.Connection[tuple[object, ...]]:
     """A client connection over TCP with a password, as the demo makes."""
     return psycopg.connect(
         host="127.0.0.1",
@@ -142,9 +140,7 @@ def counts_everywhere(cluster: LocalCluster) -> list[int]:
     return [primary] * 3
 
 
-def start_demo(
-    cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
+def start_demo(cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """The demo in a process of its own, pointed at `cluster`, for a test to act on while it runs."""
     return subprocess.Popen(
         [sys.executable, str(DEMO), *arguments],

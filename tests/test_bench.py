@@ -29,9 +29,7 @@ def test_benchmark_runs_and_prints_both_tables() -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for method in ("server-ceiling", "copy-baseline", "demo", "naive-orm"):
-        assert any(line.split()[1:2] == [method] for line in lines if line.strip().startswith("2,000")), (
-            method
-        )
+        assert any(line.split()[1:2] == [method] for line in lines if line.strip().startswith("2,000")), method
     assert any(line.startswith("End to end: ") for line in lines)
     end_to_end = [line for line in lines if line.strip().startswith("2,000") and line.split()[2] == "s"]
     assert len(end_to_end) == 1, lines

@@ -29,9 +29,7 @@ def docker_compose(*arguments: str, env: dict[str, str] | None = None) -> subpro
     executable = shutil.which("docker-compose")
     if executable is None:
         if os.environ.get("CI"):
-            pytest.fail(
-                "docker-compose is not installed: .ci/run must install it (apt-get install docker-compose)"
-            )
+            pytest.fail("docker-compose is not installed: .ci/run must install it (apt-get install docker-compose)")
         pytest.skip("docker-compose (v1, Debian package docker-compose) is not installed")
     return subprocess.run(
         [executable, "-f", str(COMPOSE_FILE), *arguments],
@@ -70,9 +68,7 @@ def test_services_and_ports_agree_with_the_demo_defaults() -> None:
 
 
 def test_host_ports_follow_the_demo_s_own_variables() -> None:
-    services = rendered({"MASTER_DB_PORT": "6000", "REPLICA_ONE_PORT": "6001", "REPLICA_TWO_PORT": "6002"})[
-        "services"
-    ]
+    services = rendered({"MASTER_DB_PORT": "6000", "REPLICA_ONE_PORT": "6001", "REPLICA_TWO_PORT": "6002"})["services"]
     assert services["master-db"]["ports"] == ["127.0.0.1:6000:5432/tcp"]
     assert services["replica-one"]["ports"] == ["127.0.0.1:6001:5432/tcp"]
     assert services["replica-two"]["ports"] == ["127.0.0.1:6002:5432/tcp"]

@@ -59,9 +59,7 @@ def test_environment_overrides_each_server_separately(monkeypatch: pytest.Monkey
     assert DemoSettings().read_policy == "round-robin"
 
 
-def test_dotenv_file_is_read_and_environment_wins(
-    monkeypatch: pytest.MonkeyPatch, isolated_settings: Path
-) -> None:
+def test_dotenv_file_is_read_and_environment_wins(monkeypatch: pytest.MonkeyPatch, isolated_settings: Path) -> None:
     (isolated_settings / ".env").write_text(
         "MASTER_DB_PORT=7000\nREPLICA_ONE_HOST=replica.example\nREPLICA_TWO_PORT=7002\nDEMO_CATCHUP_TIMEOUT=1.5\n"
     )
@@ -109,9 +107,7 @@ def test_invalid_value_is_one_line_naming_the_variable(variable: str, value: str
         ("MASTER_DB_PASSWORD=pa$1word", "pa$1word", False),
     ],
 )
-def test_dollar_in_a_dotenv_password(
-    isolated_settings: Path, line: str, demo_reads: str, warned: bool
-) -> None:
+def test_dollar_in_a_dotenv_password(isolated_settings: Path, line: str, demo_reads: str, warned: bool) -> None:
     (isolated_settings / ".env").write_text(line + "\n")
     assert MasterDBSettings().password.get_secret_value() == demo_reads
     warnings = dollar_warnings(Path(".env"))
@@ -124,9 +120,7 @@ def test_unquoted_dollar_password_is_explained_before_the_login_fails(
     cluster: LocalCluster, isolated_settings: Path
 ) -> None:
     # The password comes from .env only, so the outer environment must not set it.
-    environment = {
-        name: value for name, value in cluster.demo_environment().items() if name != "MASTER_DB_PASSWORD"
-    }
+    environment = {name: value for name, value in cluster.demo_environment().items() if name != "MASTER_DB_PASSWORD"}
     (isolated_settings / ".env").write_text("MASTER_DB_PASSWORD=pa$word\n")
     result = run_demo(None, env=environment, cwd=isolated_settings)
     assert result.returncode == 4, result.stderr

@@ -67,9 +67,7 @@ def test_partitions_come_from_the_catalog_and_counts_sum_to_the_table(
 ) -> None:
     partitions = demo_run["partitions"]
     assert [p["name"] for p in partitions] == [f"tbl_users_p{n}" for n in range(4)]
-    assert [p["bound"] for p in partitions] == [
-        f"FOR VALUES WITH (modulus 4, remainder {n})" for n in range(4)
-    ]
+    assert [p["bound"] for p in partitions] == [f"FOR VALUES WITH (modulus 4, remainder {n})" for n in range(4)]
     for partition in partitions:
         assert len(partition["rows"]) == min(partition["count"], 10)  # --show defaults to 10
     assert sum(p["count"] for p in partitions) == demo_run["table_total"] == demo_run["_table_count"]
@@ -99,14 +97,10 @@ def test_replicas_caught_up_before_the_reads(demo_run: dict[str, Any]) -> None:
     assert demo_run["skipped"] == [] and demo_run["warnings"] == []
 
 
-def test_first_user_and_its_creation_time_from_the_uuid7(
-    cluster: LocalCluster, demo_run: dict[str, Any]
-) -> None:
+def test_first_user_and_its_creation_time_from_the_uuid7(cluster: LocalCluster, demo_run: dict[str, Any]) -> None:
     first = demo_run["first_user"]
     with connect(cluster.primary) as primary:
-        smallest = primary.execute(
-            "SELECT id::text, first_name FROM tbl_users ORDER BY id LIMIT 1"
-        ).fetchone()
+        smallest = primary.execute("SELECT id::text, first_name FROM tbl_users ORDER BY id LIMIT 1").fetchone()
     assert (first["id"], first["first_name"]) == smallest
     created_at = datetime.fromisoformat(first["created_at"])
     assert created_at.tzinfo is not None and created_at.utcoffset() == timedelta(0)
@@ -154,9 +148,7 @@ def test_text_output_names_partitions_and_servers(cluster: LocalCluster) -> None
         re.MULTILINE,
     )
     assert "Inserted 5 users (ORM) in one transaction on master-db" in result.stdout
-    predictions = re.findall(
-        r"(tbl_users_p\d) -> (tbl_users_p\d)  (ok|MISMATCH)$", result.stdout, re.MULTILINE
-    )
+    predictions = re.findall(r"(tbl_users_p\d) -> (tbl_users_p\d)  (ok|MISMATCH)$", result.stdout, re.MULTILINE)
     assert len(predictions) == 5
     assert all(predicted == actual and verdict == "ok" for predicted, actual, verdict in predictions)
 
@@ -170,9 +162,7 @@ def test_round_robin_alternates_between_the_replicas(cluster: LocalCluster) -> N
     assert set(order) == {"replica-one", "replica-two"}
 
 
-def test_each_new_user_lands_in_the_predicted_partition(
-    cluster: LocalCluster, demo_run: dict[str, Any]
-) -> None:
+def test_each_new_user_lands_in_the_predicted_partition(cluster: LocalCluster, demo_run: dict[str, Any]) -> None:
     on_primary = rows_by_partition_on_primary(cluster)
     assert demo_run["users_inserted"] == 5 and demo_run["insert_method"] == "ORM"
     for user in demo_run["inserted"]:
@@ -258,7 +248,5 @@ def test_the_lesson_s_ids_come_from_uuid6_and_carry_the_time(run_in_process) -> 
     assert all(user_id.version == 7 for user_id in ids) and ids == sorted(ids)
     times = [unix_milliseconds_of(str(user_id)) for user_id in ids]
     # uuid6 moves each id made in the same millisecond 1 ms ahead: five ids, at most 4 ms.
-    assert (
-        started - timedelta(milliseconds=1) <= times[0] <= times[-1] <= finished + timedelta(milliseconds=5)
-    )
+    assert started - timedelta(milliseconds=1) <= times[0] <= times[-1] <= finished + timedelta(milliseconds=5)
     assert times[-1] - times[0] <= timedelta(milliseconds=10)

@@ -26,9 +26,7 @@ pytestmark = pytest.mark.usefixtures("healthy_cluster")
 
 def ids_on(node: PostgresNode) -> set[str]:
     with connect(node) as connection:
-        return {
-            str(user_id) for (user_id,) in connection.execute("SELECT id::text FROM tbl_users").fetchall()
-        }
+        return {str(user_id) for (user_id,) in connection.execute("SELECT id::text FROM tbl_users").fetchall()}
 
 
 def partition_of_each_row(node: PostgresNode) -> dict[str, str]:

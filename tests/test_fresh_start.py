@@ -62,9 +62,7 @@ def test_both_replicas_clone_at_once_every_time() -> None:
                 "SELECT slot_name, active, wal_status FROM pg_replication_slots ORDER BY slot_name"
             )
             assert slots == [(slot, True, "reserved") for slot in sorted(REPLICAS.values())]
-    assert not failures, f"{len(failures)} of {CLONE_ROUNDS} fresh double clones failed:\n" + "\n".join(
-        failures
-    )
+    assert not failures, f"{len(failures)} of {CLONE_ROUNDS} fresh double clones failed:\n" + "\n".join(failures)
 
 
 def project_copy(destination: Path) -> Path:
@@ -109,8 +107,6 @@ def test_scripts_and_config_are_checked_out_with_lf_everywhere(tmp_path: Path) -
         pytest.skip("not a git checkout")
     # core.autocrlf=true is Git for Windows' default: without .gitattributes it would write CRLF.
     clone = tmp_path / "clone"
-    subprocess.run(
-        ["git", "-c", "core.autocrlf=true", "clone", "--quiet", str(PROJECT_DIR), str(clone)], check=True
-    )
+    subprocess.run(["git", "-c", "core.autocrlf=true", "clone", "--quiet", str(PROJECT_DIR), str(clone)], check=True)
     for name in [*INIT_FILES.values(), REPLICA_BOOTSTRAP, "docker-compose.yml", ".ci/run"]:
         assert b"\r" not in (clone / name).read_bytes(), name

@@ -39,9 +39,7 @@ pytestmark = pytest.mark.usefixtures("healthy_cluster")
 STALL = "2"  # DEMO_STALL_TIMEOUT for these tests, in seconds: the bound is this plus a little
 
 
-def stalling_demo(
-    cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
+def stalling_demo(cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return start_demo(cluster, *arguments, env={"DEMO_STALL_TIMEOUT": STALL} | (env or {}))
 
 
@@ -156,10 +154,7 @@ def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(c
     seconds = time.monotonic() - started
 
     assert demo.returncode == 0, stderr
-    assert (
-        f"{lagging.name} ({'127.0.0.1'}:{lagging.port}): stopped answering (nothing by the deadline)"
-        in stdout
-    )
+    assert f"{lagging.name} ({'127.0.0.1'}:{lagging.port}): stopped answering (nothing by the deadline)" in stdout
     assert seconds < 2 + 4, seconds  # the catch-up deadline (2 s), not the stall bound (60 s)
     resume_replay(lagging)
     assert counts_everywhere(cluster) == [before + 5] * 3
@@ -209,9 +204,7 @@ def test_sighup_after_the_commit_says_how_many_users_were_committed(cluster: Loc
     _, stderr = demo.communicate(timeout=60)
     assert demo.returncode == 129, stderr
     [line] = errors_of(stderr)
-    assert line.startswith(
-        "sharding_demo.py: error: interrupted (SIGHUP) after the commit: 5 users were committed"
-    )
+    assert line.startswith("sharding_demo.py: error: interrupted (SIGHUP) after the commit: 5 users were committed")
     for replica in cluster.replicas:
         resume_replay(replica)
     assert counts_everywhere(cluster) == [before + 5] * 3
@@ -284,17 +277,13 @@ def test_a_decoy_on_the_search_path_changes_nothing(cluster: LocalCluster, run_i
     report = run_in_process(env=settings, users=40)
     with connect(cluster.primary, dbname="decoy") as primary:
         real = dict(
-            primary.execute(
-                "SELECT tableoid::regclass::text, count(*) FROM adv.tbl_users GROUP BY 1"
-            ).fetchall()
+            primary.execute("SELECT tableoid::regclass::text, count(*) FROM adv.tbl_users GROUP BY 1").fetchall()
         )
     assert {f"{p.schema}.{p.name}" for p in report.primary.partitions} >= {
         "hidden.tbl_users_p2",
         "public.tbl_users_p1",
     }
-    counted = {
-        p.name: answer.value[0] for p, answer in zip(report.primary.partitions, report.contents, strict=True)
-    }
+    counted = {p.name: answer.value[0] for p, answer in zip(report.primary.partitions, report.contents, strict=True)}
     assert sum(counted.values()) == sum(real.values()) == 40  # not a single decoy row
     assert all(name != "Decoy" for answer in report.contents for _, name in answer.value[1])
     assert report.predicted == report.landing.value[0]
@@ -332,8 +321,7 @@ def test_a_partition_the_user_may_not_read_is_refused_before_the_insert(cluster:
 
 def run_with_bytes(cluster: LocalCluster, name: bytes, value: bytes) -> subprocess.CompletedProcess[str]:
     environment = {
-        key.encode(): item.encode()
-        for key, item in (clean_environment() | cluster.demo_environment()).items()
+        key.encode(): item.encode() for key, item in (clean_environment() | cluster.demo_environment()).items()
     }
     environment[name] = value
     return subprocess.run(
@@ -364,10 +352,7 @@ def test_a_replica_password_that_is_not_utf8_leaves_that_replica_out(cluster: Lo
     report = sharding_demo.json.loads(result.stdout)
     [skip] = report["skipped"]
     assert skip["replica"] == "replica-one"
-    assert (
-        skip["reason"]
-        == "REPLICA_ONE_PASSWORD is not UTF-8 text (byte 0xe4), so it cannot be sent to the server"
-    )
+    assert skip["reason"] == "REPLICA_ONE_PASSWORD is not UTF-8 text (byte 0xe4), so it cannot be sent to the server"
     assert {partition["read_from"] for partition in report["partitions"]} == {"replica-two"}
 
 
@@ -382,8 +367,7 @@ def test_mixed_moduli_are_told_per_partition(cluster: LocalCluster) -> None:
         "mixed",
         "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
         *(
-            f"CREATE TABLE tbl_users_{name} PARTITION OF tbl_users FOR VALUES WITH (MODULUS {m}, "
-            f"REMAINDER {r})"
+            f"CREATE TABLE tbl_users_{name} PARTITION OF tbl_users FOR VALUES WITH (MODULUS {m}, REMAINDER {r})"
             for name, m, r in [("even", 2, 0), ("m4_r1", 4, 1), ("m8_r3", 8, 3), ("m8_r7", 8, 7)]
         ),
     )
@@ -422,9 +406,7 @@ def test_a_cancelled_catalog_query_is_named_as_a_cancel(cluster: LocalCluster) -
 
 DOCUMENTED = {code.value for code in sharding_demo.ExitCode}
 text_values = st.one_of(
-    st.sampled_from(
-        ["", " ", "0", "-1", "1e6", "nan", "inf", "99999999999999999999", "round-robin", "5", "127.0.0.1"]
-    ),
+    st.sampled_from(["", " ", "0", "-1", "1e6", "nan", "inf", "99999999999999999999", "round-robin", "5", "127.0.0.1"]),
     st.text(max_size=12),  # non-ASCII too
     st.binary(max_size=6).map(lambda raw: raw.decode("utf-8", errors="surrogateescape")),  # not UTF-8
 )
@@ -450,9 +432,7 @@ FLAGS = ["--users", "--show", "--read-policy", "--catchup-timeout", "--connect-t
 @given(
     variables=st.dictionaries(st.sampled_from(VARIABLES), text_values, max_size=3),
     flags=st.lists(st.tuples(st.sampled_from(FLAGS), text_values), max_size=2),
-    dotenv=st.one_of(
-        st.none(), st.tuples(st.sampled_from(VARIABLES), text_values.map(lambda v: v + "\x00x"))
-    ),
+    dotenv=st.one_of(st.none(), st.tuples(st.sampled_from(VARIABLES), text_values.map(lambda v: v + "\x00x"))),
 )
 def test_any_settings_give_one_true_line_and_a_documented_exit(
     cluster: LocalCluster,
@@ -463,11 +443,7 @@ def test_any_settings_give_one_true_line_and_a_documented_exit(
 ) -> None:
     # Keep the runs short: a valid --users or DEMO_USERS above 50 becomes 50.
     def small(name: str, value: str) -> str:
-        return (
-            "50"
-            if name in ("--users", "DEMO_USERS") and value.strip().isdigit() and int(value) > 50
-            else value
-        )
+        return "50" if name in ("--users", "DEMO_USERS") and value.strip().isdigit() and int(value) > 50 else value
 
     folder = tmp_path_factory.mktemp("property")
     if dotenv is not None:
@@ -475,9 +451,7 @@ def test_any_settings_give_one_true_line_and_a_documented_exit(
     arguments = [part for flag, value in flags for part in (flag, small(flag, value)) if "\x00" not in value]
     environment = clean_environment() | cluster.demo_environment() | {"DEMO_STALL_TIMEOUT": "5"}
     environment |= {name: small(name, value) for name, value in variables.items() if "\x00" not in value}
-    encoded = {
-        k.encode(errors="surrogateescape"): v.encode(errors="surrogateescape") for k, v in environment.items()
-    }
+    encoded = {k.encode(errors="surrogateescape"): v.encode(errors="surrogateescape") for k, v in environment.items()}
     before = count_on(cluster.primary)
     result = subprocess.run(
         [sys.executable, str(DEMO), *arguments],

@@ -40,9 +40,7 @@ def test_command_line_starts_streams_prints_exports_and_cleans_up_on_sigterm() -
             break
     text = "".join(output)
     try:
-        assert re.search(
-            r"^PostgreSQL \d+\.\d+: master-db, replica-one and replica-two are up", text, re.M
-        ), text
+        assert re.search(r"^PostgreSQL \d+\.\d+: master-db, replica-one and replica-two are up", text, re.M), text
         for variable, port in (("MASTER_DB", base), ("REPLICA_ONE", base + 1), ("REPLICA_TWO", base + 2)):
             assert f"export {variable}_PORT={port}\n" in text
             assert f"export {variable}_HOST=127.0.0.1\n" in text
@@ -76,10 +74,7 @@ def test_refuses_ports_in_use(cluster: local_cluster.LocalCluster) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.strip().endswith("choose others with --port-base")
-    assert (
-        f"port {cluster.primary.port}, {cluster.primary.port + 1}, {cluster.primary.port + 2}"
-        in result.stderr
-    )
+    assert f"port {cluster.primary.port}, {cluster.primary.port + 1}, {cluster.primary.port + 2}" in result.stderr
 
 
 def test_bad_pg_bindir_is_one_clear_error(tmp_path: Path) -> None:
@@ -142,7 +137,5 @@ def test_one_command_starts_runs_the_demo_and_cleans_up() -> None:
 
 
 def test_one_command_passes_on_the_command_s_exit_code() -> None:
-    result = run_launcher(
-        "--port-base", str(free_port_base()), "--", sys.executable, "-c", "import sys; sys.exit(7)"
-    )
+    result = run_launcher("--port-base", str(free_port_base()), "--", sys.executable, "-c", "import sys; sys.exit(7)")
     assert result.returncode == 7, result.stderr

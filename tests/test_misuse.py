@@ -117,9 +117,7 @@ def test_statement_timeout_cancels_the_copy_and_writes_nothing(cluster: LocalClu
     # which the checks need a few of, and a COPY of 300,000 rows some hundreds.
     result = run_demo(cluster, "--users", "300000", env={"PGOPTIONS": "-c statement_timeout=50"})
     assert result.returncode == 7, result.stderr
-    line = the_error(
-        "\n".join(line for line in result.stderr.splitlines() if " of 300,000 users" not in line)
-    )
+    line = the_error("\n".join(line for line in result.stderr.splitlines() if " of 300,000 users" not in line))
     assert "master-db cancelled the insert (a statement_timeout, or a cancel request)" in line
     assert line.endswith("nothing was written")
     assert counts_everywhere(cluster) == [before] * 3
@@ -326,9 +324,7 @@ def test_empty_password_is_a_refused_login(cluster: LocalCluster) -> None:
         ),
     ],
 )
-def test_invalid_values_are_one_line(
-    arguments: list[str], environment: dict[str, str], fragment: str
-) -> None:
+def test_invalid_values_are_one_line(arguments: list[str], environment: dict[str, str], fragment: str) -> None:
     result = run_demo(None, *arguments, env=environment)
     assert result.returncode == 2
     assert fragment in the_error(result.stderr)  # one line, not argparse's usage first
@@ -387,8 +383,7 @@ def test_a_cancelled_orm_insert_is_named_as_such_not_as_a_lost_primary(cluster: 
             f"CREATE TABLE tbl_users_p{n} PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER {n})"
             for n in range(2)
         ),
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$",
         "CREATE TRIGGER slow BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION slow()",
     )
     result = run_demo(cluster, env=settings | {"PGOPTIONS": "-c statement_timeout=300"})

@@ -40,9 +40,7 @@ SERVER_VECTORS = [
 
 
 @pytest.mark.parametrize(("user_id", "column_hash", "remainders"), SERVER_VECTORS)
-def test_matches_vectors_computed_by_the_server(
-    user_id: str, column_hash: int, remainders: dict[int, int]
-) -> None:
+def test_matches_vectors_computed_by_the_server(user_id: str, column_hash: int, remainders: dict[int, int]) -> None:
     key = uuid.UUID(user_id).bytes
     # The row hash is hash_combine64(0, column hash): the column hash plus a constant, mod 2**64.
     assert partition_row_hash(key) == (column_hash + HASH_COMBINE64_CONSTANT) % UINT64
@@ -141,9 +139,7 @@ def test_twenty_thousand_random_uuids_land_where_predicted(
             connection.execute(f"DELETE FROM {parent} WHERE id = ANY(%s)", [generated])
     assert len(rows) == len(generated)
     wrong = [
-        (user_id, actual)
-        for user_id, actual in rows
-        if predict_partition(user_id.bytes, partitions).name != actual
+        (user_id, actual) for user_id, actual in rows if predict_partition(user_id.bytes, partitions).name != actual
     ]
     assert wrong == []
     # Every partition got rows, so each bound was exercised.

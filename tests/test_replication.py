@@ -20,9 +20,7 @@ def test_row_written_on_primary_is_read_back_from_both_replicas(cluster: LocalCl
         with connect(replica) as connection:
 
             def replica_has_row(connection: psycopg.Connection = connection) -> bool:
-                row = connection.execute(
-                    "SELECT first_name FROM tbl_users WHERE id = %s", [user_id]
-                ).fetchone()
+                row = connection.execute("SELECT first_name FROM tbl_users WHERE id = %s", [user_id]).fetchone()
                 return row == ("Replicated",)
 
             assert wait_until(replica_has_row), f"{replica.name} never showed the row written on the primary"
@@ -49,9 +47,7 @@ def test_replicas_are_hot_standbys_and_primary_is_not(cluster: LocalCluster) -> 
         assert primary.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
     for replica in cluster.replicas:
         with connect(replica) as connection:
-            status = connection.execute(
-                "SELECT pg_is_in_recovery(), status FROM pg_stat_wal_receiver"
-            ).fetchone()
+            status = connection.execute("SELECT pg_is_in_recovery(), status FROM pg_stat_wal_receiver").fetchone()
             assert status == (True, "streaming"), replica.name
 
 
@@ -71,8 +67,7 @@ def test_four_hash_partitions_exist_on_every_server(cluster: LocalCluster, node_
         ).fetchone()
     assert strategy == ("h",)  # h = hash
     assert partitions == [
-        (f"tbl_users_p{remainder}", f"FOR VALUES WITH (modulus 4, remainder {remainder})")
-        for remainder in range(4)
+        (f"tbl_users_p{remainder}", f"FOR VALUES WITH (modulus 4, remainder {remainder})") for remainder in range(4)
     ]
 
 
@@ -88,12 +83,9 @@ def test_a_write_to_a_replica_is_refused(cluster: LocalCluster) -> None:
 def test_replicator_role_can_replicate_but_not_read_tables(cluster: LocalCluster) -> None:
     with connect(cluster.primary) as primary:
         role = primary.execute(
-            "SELECT rolreplication, rolcanlogin, rolconnlimit, rolsuper FROM pg_roles "
-            "WHERE rolname = 'replicator'"
+            "SELECT rolreplication, rolcanlogin, rolconnlimit, rolsuper FROM pg_roles WHERE rolname = 'replicator'"
         ).fetchone()
-        password = primary.execute(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'replicator'"
-        ).fetchone()
+        password = primary.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'replicator'").fetchone()
     assert role == (True, True, 5, False)
     assert password is not None and str(password[0]).startswith("SCRAM-SHA-256$")
 

@@ -34,9 +34,7 @@ def sharded() -> Iterator[LocalCluster]:
         del os.environ["COORDINATOR_PASSWORD"]
 
 
-def tcp(
-    node: PostgresNode, user: str = "postgres", password: str = DEFAULT_PASSWORD
-) -> psycopg.Connection[Any]:
+def tcp(node: PostgresNode, user: str = "postgres", password: str = DEFAULT_PASSWORD) -> psycopg.Connection[Any]:
     return psycopg.connect(
         host="127.0.0.1", port=node.port, user=user, password=password, dbname="postgres", autocommit=True
     )
@@ -78,9 +76,7 @@ def test_the_coordinator_s_partitions_are_foreign_tables_on_the_shards(sharded: 
             for n in range(4)
         ], node.name
     # A unique index cannot span foreign tables: the parent has no primary key...
-    assert sharded.primary.query("SELECT count(*) FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [
-        (0,)
-    ]
+    assert sharded.primary.query("SELECT count(*) FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [(0,)]
     # ...and each shard's own does the job: equal ids hash to the same partition, so to one shard.
     for shard, names in (
         ("shard-one", ["tbl_users_p0", "tbl_users_p2"]),
@@ -94,15 +90,11 @@ def test_the_coordinator_s_partitions_are_foreign_tables_on_the_shards(sharded: 
                 "WHERE inhparent = 'tbl_users'::regclass ORDER BY 1"
             )
         ] == names
-        assert node.query("SELECT indisprimary FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [
-            (True,)
-        ]
+        assert node.query("SELECT indisprimary FROM pg_index WHERE indrelid = 'tbl_users'::regclass") == [(True,)]
 
 
 def test_the_coordinator_logs_in_to_the_shards_with_a_role_of_its_own(sharded: LocalCluster) -> None:
-    mapping = sharded.primary.query(
-        "SELECT srvname, umuser, umoptions FROM pg_user_mappings ORDER BY srvname"
-    )
+    mapping = sharded.primary.query("SELECT srvname, umuser, umoptions FROM pg_user_mappings ORDER BY srvname")
     assert [(server, user) for server, user, _ in mapping] == [("shard_one", 0), ("shard_two", 0)]  # PUBLIC
     assert all("user=coordinator" in options for _, _, options in mapping)  # type: ignore[operator]
     for shard in sharded.shards:
@@ -154,11 +146,7 @@ def test_every_row_is_on_its_predicted_shard_and_on_no_other(sharded: LocalClust
         assert all(user["id"] not in rows for shard, rows in on_shard.items() if shard != home)
     # Every one of this run's users, counted on the shards themselves, where predicted.
     for name, partition in partitions.items():
-        assert (
-            report["on_shards"][partition["stored_on"]].get(name, 0)
-            == partition["predicted"]
-            == partition["actual"]
-        )
+        assert report["on_shards"][partition["stored_on"]].get(name, 0) == partition["predicted"] == partition["actual"]
     assert sum(partition["actual"] for partition in partitions.values()) == users
     assert all(partition["in_recovery"] for partition in partitions.values())  # read through the replicas
     assert report["pruning"]["by_id"] == [f"public.{report['inserted'][0]['predicted_partition']}"]
@@ -258,9 +246,7 @@ def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> 
     assert p2
 
     # 1. The partition's new, empty table on shard-two, as init-shard.sh makes them.
-    shard_two.execute(
-        "CREATE TABLE tbl_users_p2 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 2)"
-    )
+    shard_two.execute("CREATE TABLE tbl_users_p2 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 2)")
     shard_two.execute("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON tbl_users_p2 TO coordinator")
     # 2. On the coordinator: copy and swap, in one transaction (the file the docs show).
     sharded.primary.run(
