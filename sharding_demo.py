@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -67,10 +67,18 @@ class DatabaseSettings(BaseSettings):
     @field_validator("host", "user", "name", "password", mode="before")
     @classmethod
     def as_meant(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, str) and "\x00" in value:  # libpq's strings end there: the rest would be lost
+        if not isinstance(value, str):
+            return value
+        if "\x00" in value:  # libpq's strings end there: the rest would be lost
             raise ValueError("contains a NUL byte, which a PostgreSQL connection cannot carry")
+        try:
+            value.encode()
+        except UnicodeEncodeError as error:  # a byte that is not UTF-8 reaches Python as U+DC80..U+DCFF
+            code = ord(value[error.start])
+            byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else repr(value[error.start])
+            raise ValueError(f"is not UTF-8 text ({byte}), so it cannot be sent to the server") from None
         # "localhost " from a sloppy .env line means "localhost"; a password is kept as it is.
-        return value.strip() if isinstance(value, str) and info.field_name != "password" else value
+        return value if info.field_name == "password" else value.strip()
 
 
 class MasterDBSettings(DatabaseSettings):
@@ -158,13 +166,13 @@ def user_name(number: int) -> str:  # the original demo's five, then made-up nam
 
 def run(settings: DemoSettings) -> Report:
     # 1. config: where the servers are (the demo's own settings came from main)
-    server_settings = [load_settings(each) for each in (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings)]
+    configs = [load_settings(each) for each in (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings)]
 
     # 2. engines, with every connection watched, so that no wait lasts for ever; then, before
     #    anything is written, check the primary, read how tbl_users is partitioned, and check the
     #    shards that hold its partitions, if any (the sharded layout)
     watchdog = Watchdog(settings.stall_timeout)
-    primary, *replicas = [make_server(each, settings.connect_timeout, watchdog) for each in server_settings]
+    primary, *replicas = [make_server(each, settings.connect_timeout, watchdog) for each in configs]
     shards: list[Server] = []
     try:
         facts = check_primary(primary)
@@ -184,9 +192,9 @@ def run(settings: DemoSettings) -> Report:
                 models = [User(first_name=user_name(number)) for number in range(settings.users)]
                 ids = [model.id.bytes for model in models]
                 predicted = Counter(predict_partition(id_bytes, facts.partitions).oid for id_bytes in ids)
-                written = commit(primary, ids, "ORM", lambda session: session.add_all(models))
+                written = commit(primary, ids, predicted, "ORM", lambda session: session.add_all(models))
             else:  # the ORM is the path to read, and the wrong one for a million rows: appendix B
-                ids, predicted, written = insert_many_users(primary, settings.users, facts.partitions)
+                written = insert_many_users(primary, settings.users, facts.partitions)
         except CommitRefused as refused:  # with shards, some may have committed: appendix D counts
             raise refused.explained(shards) from None
 
@@ -197,31 +205,20 @@ def run(settings: DemoSettings) -> Report:
 
             # 6. read back: where each user landed (through the replicas, and on each shard
             #    itself), each partition, the first user, and which partitions a query reads
-            landing = router.read(lambda session: where_users_landed(session, ids, settings.show))
-            on_shards = {shard.service: users_on_shard(shard, ids) for shard in shards}
+            landing = router.read(lambda session: where_users_landed(session, written.ids, settings.show))
+            on_shards = {shard.service: users_on_shard(shard, written.ids) for shard in shards}
             contents = [
                 router.read(lambda session, p=p: partition_contents(session, p, settings.show))
                 for p in facts.partitions
             ]
-            first_user = router.read(lambda session: session.scalars(select(User).order_by(User.id).limit(1)).first())
-            pruning = router.read(lambda session: tables_read_by_queries(session, ids[0]))
+            first_user = router.read(lambda session: session.scalar(select(User).order_by(User.id).limit(1)))
+            pruning = router.read(lambda session: tables_read_by_queries(session, written.ids[0]))
         except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             raise failure_after_commit(written, error) from None
 
         # 7. report: everything above, in one value
         return Report(
-            facts,
-            written,
-            catchup,
-            ids,
-            predicted,
-            landing,
-            on_shards,
-            contents,
-            first_user,
-            pruning,
-            settings.show,
-            router.skipped,
+            facts, written, catchup, landing, on_shards, contents, first_user, pruning, settings.show, router.skipped
         )
     finally:
         for server in [primary, *replicas, *shards]:
@@ -237,24 +234,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # run as Ctrl-C does, and are told as truly: was anything committed? (appendix D)
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
+    report = None  # until run() returns: then the users are committed, and a failure must say so
     try:
         if Path(".env").is_file() or any(name.upper().startswith("DEMO_") for name in os.environ):
             warn(settings_warnings())  # probable mistakes, such as DEMO_USER for DEMO_USERS (appendix E)
         settings = read_flags(argv) if argv else load_settings(DemoSettings)  # flags: appendix E
         report = run(settings)
-    except DemoError as error:
-        print(f"sharding_demo.py: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt as interruption:  # during or after the write, run() has said so
-        print(f"sharding_demo.py: error: {interrupted(interruption)}", file=sys.stderr)
-        return exit_code_of(interruption)
-    try:
         if settings.json_output:
             print_json(report)  # appendix C
         else:
             print(render_text(report), flush=True)
-    except (BrokenPipeError, KeyboardInterrupt) as error:  # `| head`, or Ctrl-C after the commit
-        return output_failed(report, error)  # appendix D
+    except DemoError as error:
+        print(f"sharding_demo.py: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except (BrokenPipeError, KeyboardInterrupt) as error:  # `| head`, Ctrl-C, SIGTERM, SIGHUP
+        return stopped(error, report)  # appendix D
     return 0
 
 
@@ -294,7 +288,7 @@ class Watchdog:
     every packet (TCP keepalives pass), so libpq would wait for ever. So a thread looks at each
     connection ten times a second and shuts down (shutdown(2)) one that has had a statement in
     flight, with no progress, for stall_timeout seconds: that needs nothing from the other side, and
-    the waiting call returns at once with an error. A COPY calls progress(), so it is not cut short."""
+    the waiting call returns at once with an error. A COPY notes its progress, so it is not cut short."""
 
     def __init__(self, stall_timeout: float) -> None:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
@@ -311,33 +305,20 @@ class Watchdog:
         with self.lock:  # SQLAlchemy calls this before it closes the connection
             self.watched.pop(connection, None)
 
-    def progress(self) -> None:
-        self.last_progress = time.monotonic()
-
     def look(self) -> None:
         while True:
             time.sleep(0.1)
             with self.lock:
                 now = time.monotonic()
-                for connection, (server, busy_since) in list(self.watched.items()):
+                for connection, (server, since) in list(self.watched.items()):
                     if connection.pgconn.transaction_status != TransactionStatus.ACTIVE:
                         self.watched[connection] = (server, None)
-                    elif busy_since is None:
+                    elif since is None:
                         self.watched[connection] = (server, now)
-                    elif now > self.deadline or now - max(busy_since, self.last_progress) > self.stall_timeout:
-                        why = (
-                            f"nothing for {self.stall_timeout:g} s"
-                            if now <= self.deadline
-                            else "nothing by the deadline"
-                        )
-                        self.gave_up_on[server.service] = f"stopped answering ({why})"
+                    elif now > self.deadline or now - max(since, self.last_progress) > self.stall_timeout:
                         del self.watched[connection]
-                        # (suppress: libpq may have closed it meanwhile)
-                        with (
-                            suppress(OSError, psycopg.Error),
-                            socket.socket(fileno=os.dup(connection.fileno())) as s,
-                        ):
-                            s.shutdown(socket.SHUT_RDWR)
+                        self.gave_up_on[server.service] = gave_up(self, now)  # appendix D
+                        cut_off(connection)
 
 
 @dataclass(frozen=True)
@@ -368,30 +349,26 @@ class PrimaryFacts:
 # identifier, and every clone of that server shares it); since when it runs.
 IDENTITY = "SELECT pg_is_in_recovery(), system_identifier, pg_postmaster_start_time() FROM pg_control_system()"
 
+# tbl_users' partitions: pg_inherits links each to it; pg_foreign_table says on which foreign server
+# (postgres_fdw) a partition is stored, if it is a foreign table.
+PARTITIONS = """
+    SELECT c.oid, n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), replace(s.srvname, '_', '-'),
+           c.relkind, pg_get_partkeydef(i.inhparent),
+           has_table_privilege(c.oid, 'SELECT') AND has_schema_privilege(n.oid, 'USAGE')
+    FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
+    LEFT JOIN pg_foreign_table AS f ON f.ftrelid = c.oid LEFT JOIN pg_foreign_server AS s ON s.oid = f.ftserver
+    WHERE i.inhparent = to_regclass('tbl_users') ORDER BY c.relname"""
+
 
 def check_primary(primary: Server) -> PrimaryFacts:
-    """Is the primary reachable and a primary, and how is tbl_users partitioned? pg_inherits links
-    each partition to it; pg_foreign_table says on which foreign server (postgres_fdw) a partition
-    is stored. The demo predicts rows for hash on id into plain tables, or foreign tables on one of
-    its shards, that it may read and that cover every remainder; it refuses any other layout."""
+    """Is the primary reachable and a primary, and how is tbl_users partitioned? The demo predicts
+    rows for hash on id into plain tables, or foreign tables on one of its shards, that it may read
+    and that cover every remainder; it refuses any other layout (appendix D says why)."""
     try:
         with primary.engine.connect() as connection:
             version = connection.scalar(text("SHOW server_version"))
             identity = tuple(connection.execute(text(IDENTITY)).one())
-            rows = connection.execute(
-                text(
-                    """
-                    SELECT c.oid, n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid),
-                           replace(s.srvname, '_', '-'), c.relkind, pg_get_partkeydef(i.inhparent),
-                           has_table_privilege(c.oid, 'SELECT') AND has_schema_privilege(n.oid, 'USAGE')
-                    FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
-                    JOIN pg_namespace AS n ON n.oid = c.relnamespace
-                    LEFT JOIN pg_foreign_table AS f ON f.ftrelid = c.oid
-                    LEFT JOIN pg_foreign_server AS s ON s.oid = f.ftserver
-                    WHERE i.inhparent = to_regclass('tbl_users') ORDER BY c.relname
-                    """
-                )
-            ).all()
+            rows = connection.execute(text(PARTITIONS)).all()
     except DATABASE_ERRORS as error:
         raise primary_failed(primary, error) from None
     partitions = []
@@ -414,9 +391,10 @@ def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
     names = [partition.name for partition in facts.partitions if partition.shard == shard.service]
     try:
         with shard.engine.connect() as connection:
-            missing = [name for name in names if connection.scalar(text("SELECT to_regclass(:t)"), {"t": name}) is None]
+            exists = {name: connection.scalar(text("SELECT to_regclass(:t)"), {"t": name}) for name in names}
     except DATABASE_ERRORS as error:
         raise shard_failed(shard, names, error) from None
+    missing = [name for name, oid in exists.items() if oid is None]
     if missing:
         raise shard_failed(shard, missing, None)
     return shard
@@ -458,11 +436,6 @@ class ReadWriteRouter:
             return self.replicas_in_use[self.turn % len(self.replicas_in_use)]
         return random.choice(self.replicas_in_use)
 
-    def leave_out(self, replica: Server, reason: str, when: str) -> None:
-        if replica in self.replicas_in_use:
-            self.replicas_in_use.remove(replica)
-            self.skipped.append(Skipped(replica, reason, when))
-
     def not_a_standby(self, replica: Server, identity: Any) -> str | None:
         """None if the server is in recovery with the primary's system identifier, else what it is.
         (A standby of another cluster would answer with that cluster's rows.)"""
@@ -484,12 +457,12 @@ class ReadWriteRouter:
             except DATABASE_ERRORS as error:
                 if server is self.primary or answered(error):  # an error it answered, say from a shard
                     raise
-                self.leave_out(server, replica_failure(server, error), when="during the reads")
+                leave_out(self, server, replica_failure(server, error), when="during the reads")  # appendix D
                 continue
             problem = None if server is self.primary else self.not_a_standby(server, identity)
             if problem is None:
                 return Answer(result, server)
-            self.leave_out(server, f"{problem}; its answer was not used", when="during the reads")
+            leave_out(self, server, f"{problem}; its answer was not used", when="during the reads")
 
 
 # ======== Step 4. Write =========================================================================
@@ -497,13 +470,22 @@ class ReadWriteRouter:
 
 @dataclass(frozen=True)
 class Written:
-    users: int
+    """What the write made: this run's users, and where their commit is in the WAL."""
+
+    ids: Sequence[bytes]  # user number n's id is ids[n]
+    predicted: Counter[int]  # this run's users per partition oid, as predicted in Python
     method: str  # "ORM" or "COPY"
     primary: Server
-    commit_lsn: str  # where the commit is in the WAL: the replicas must replay up to here
+    commit_lsn: str  # the replicas must replay the WAL up to here
+
+    @property
+    def users(self) -> int:
+        return len(self.ids)
 
 
-def commit(primary: Server, ids: Sequence[bytes], method: str, write: Callable[[Session], None]) -> Written:
+def commit(
+    primary: Server, ids: Sequence[bytes], predicted: Counter[int], method: str, write: Callable[[Session], None]
+) -> Written:
     """Run `write` in one transaction on the primary, commit, and note where the commit is in the
     WAL. Until the COMMIT a failure rolls everything back; after it the users are in the table; a
     failure *during* it says what it knows (appendix D). PostgreSQL has no two-phase commit through
@@ -523,11 +505,17 @@ def commit(primary: Server, ids: Sequence[bytes], method: str, write: Callable[[
             # Close the connection without a ROLLBACK (it may be dead): the server rolls back an
             # open transaction whose connection goes away.
             session.invalidate()
-            raise failure_of_the_write(primary, ids, method, stage, error) from None
-    return Written(len(ids), method, primary, commit_lsn)
+            raise failure_of_the_write(Written(ids, predicted, method, primary, "unknown"), stage, error) from None
+    return Written(ids, predicted, method, primary, commit_lsn)
 
 
 # ======== Step 5. Wait for the replicas (read-your-writes) ======================================
+
+# Who a replica is (as IDENTITY), and how many bytes of WAL it still has to replay to reach :lsn.
+CAUGHT_UP = text(
+    "SELECT pg_is_in_recovery(), system_identifier, pg_postmaster_start_time(),"
+    " pg_wal_lsn_diff(CAST(:lsn AS pg_lsn), pg_last_wal_replay_lsn()) FROM pg_control_system()"
+)
 
 
 def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) -> dict[str, float]:
@@ -536,21 +524,13 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
     asked in turn, every 10 ms, who it is and how far it has replayed: it is where the reads will go.
     (PostgreSQL's own tests, Cluster::wait_for_catchup, ask the primary instead.)"""
     started, caught_up, waiting = time.monotonic(), {}, list(router.replicas_in_use)
-    query = text(
-        "SELECT pg_is_in_recovery(), system_identifier, pg_postmaster_start_time(),"
-        " pg_wal_lsn_diff(CAST(:lsn AS pg_lsn), pg_last_wal_replay_lsn()) FROM pg_control_system()"
-    )
     router.primary.watchdog.deadline = started + timeout  # it cuts off a question unanswered by then
-    with ExitStack() as stack:
-        stack.callback(setattr, router.primary.watchdog, "deadline", float("inf"))
-        connections: dict[Server, Any] = {}  # one per replica, for the whole wait; no transaction
+    try:
         while waiting:
             for replica in list(waiting):
-                try:
-                    if replica not in connections:
-                        connection = stack.enter_context(replica.engine.connect())
-                        connections[replica] = connection.execution_options(isolation_level="AUTOCOMMIT")
-                    *identity, lag = connections[replica].execute(query, {"lsn": commit_lsn}).one()
+                try:  # AUTOCOMMIT: each question sees the replica as it is now, not an old snapshot
+                    with replica.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                        *identity, lag = connection.execute(CAUGHT_UP, {"lsn": commit_lsn}).one()
                     problem = router.not_a_standby(replica, identity)
                 except DATABASE_ERRORS as error:
                     problem = replica_failure(replica, error)
@@ -559,9 +539,11 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
                     caught_up[replica.service] = elapsed
                     waiting.remove(replica)
                 elif problem or elapsed >= timeout:
-                    router.leave_out(replica, problem or still_behind(lag, elapsed), when="waited for")
+                    leave_out(router, replica, problem or still_behind(lag, elapsed), when="waited for")
                     waiting.remove(replica)
             time.sleep(0.01)
+    finally:
+        router.primary.watchdog.deadline = float("inf")
     return caught_up
 
 
@@ -581,10 +563,9 @@ def where_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tup
     )
     counts, shown, ours, total = Counter[int](), {}, 0, len(ids)  # ours: the next of our ids to find
     for server_id, partition_oid in rows:
-        server_bytes = server_id.bytes
-        while ours < total and ids[ours] < server_bytes:
+        while ours < total and ids[ours] < server_id.bytes:
             ours += 1  # one of ours that the server does not have
-        if ours < total and ids[ours] == server_bytes:
+        if ours < total and ids[ours] == server_id.bytes:
             counts[partition_oid] += 1
             if ours < show:
                 shown[ours] = partition_oid
@@ -623,14 +604,9 @@ def created_at(user_id: uuid.UUID) -> datetime | None:
 def tables_read_by_queries(session: Session, id_bytes: bytes) -> tuple[list[str], list[str]]:
     """What partitioning buys: the planner drops each partition whose bound cannot match the
     condition on the key ("pruning"). EXPLAIN shows the server's plan without running it."""
-    by_id = session.scalar(
-        text("EXPLAIN (VERBOSE, FORMAT JSON) SELECT * FROM tbl_users WHERE id = :id"),
-        {"id": uuid.UUID(bytes=id_bytes)},
-    )
-    by_name = session.scalar(
-        text("EXPLAIN (VERBOSE, FORMAT JSON) SELECT * FROM tbl_users WHERE first_name = :name"),
-        {"name": DEMO_NAMES[0]},
-    )
+    explain = "EXPLAIN (VERBOSE, FORMAT JSON) SELECT * FROM tbl_users WHERE "
+    by_id = session.scalar(text(explain + "id = :id"), {"id": uuid.UUID(bytes=id_bytes)})
+    by_name = session.scalar(text(explain + "first_name = :name"), {"name": DEMO_NAMES[0]})
     return scanned_tables(by_id[0]["Plan"]), scanned_tables(by_name[0]["Plan"])
 
 
@@ -648,10 +624,7 @@ class Report:
     primary: PrimaryFacts
     written: Written
     catchup: dict[str, float]  # seconds each replica took to replay the commit
-    ids: Sequence[bytes]  # this run's users' ids: user number n's is ids[n]
-    predicted: Counter[int]  # this run's users per partition oid, predicted in Python
-    # users per partition oid; the partitions of the first `show` users
-    landing: Answer[tuple[Counter[int], dict[int, int]]]
+    landing: Answer[tuple[Counter[int], dict[int, int]]]  # users per partition oid; those of the first `show`
     on_shards: dict[str, Counter[str]]  # this run's users that each shard stores, per partition
     contents: list[Answer[tuple[int, list[Any]]]]  # per partition: its count, and its first rows
     first_user: Answer[User | None]
@@ -662,41 +635,36 @@ class Report:
     def new_users(self) -> list[tuple[int, Partition, Partition | None]]:
         """The first `show` new users: number, predicted partition, actual one (None: not found)."""
         by_oid = {partition.oid: partition for partition in self.primary.partitions}
-        numbers = range(min(self.show, len(self.ids)))
-        predicted = [predict_partition(self.ids[n], self.primary.partitions) for n in numbers]
-        return [(n, predicted[n], by_oid.get(self.landing.value[1].get(n, 0))) for n in numbers]
+        ids, landed = self.written.ids, self.landing.value[1]
+        return [
+            (number, predict_partition(ids[number], self.primary.partitions), by_oid.get(landed.get(number, 0)))
+            for number in range(min(self.show, len(ids)))
+        ]
 
     def shards_as_predicted(self) -> str:
         """Does each shard store exactly the users predicted for its partitions, and no others?"""
         wrong = []
         for partition in self.primary.partitions:
             for shard, held in self.on_shards.items():
-                expected = self.predicted[partition.oid] if shard == partition.shard else 0
+                expected = self.written.predicted[partition.oid] if shard == partition.shard else 0
                 if held.get(partition.name, 0) != expected:
                     wrong.append(f"{shard} has {held.get(partition.name, 0):,} in {partition.name}, not {expected:,}")
         return "yes" if not wrong else "MISMATCH: " + "; ".join(wrong)
 
-    @property
-    def primary_served_reads(self) -> bool:
-        answers = [self.landing, *self.contents, self.first_user, self.pruning]
-        return any(answer.server is self.written.primary for answer in answers)
-
 
 def render_text(report: Report) -> str:
-    written, primary, partitions = report.written, report.written.primary, report.primary.partitions
+    written, primary = report.written, report.written.primary
 
     def where(server: Server) -> str:  # "replica-one 127.0.0.1:5433, standby, in recovery"
-        return f"{server.service} {server.address}, " + (
-            "primary, not in recovery" if server is primary else "standby, in recovery"
-        )
+        role = "primary, not in recovery" if server is primary else "standby, in recovery"
+        return f"{server.service} {server.address}, {role}"
 
     def stored(partition: Partition) -> str:
         return f" on {partition.shard}" if partition.shard else ""
 
-    waits = {name: f"caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()}
-    for skip in report.skipped:
-        if skip.when == "waited for":
-            waits[f"{skip.replica.service} ({skip.replica.address})"] = f"{skip.reason}: left out of the reads"
+    waits = [f"  {name}: caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()]
+    if report.skipped:  # replicas left out: by the wait, told here, and during the reads, at the end (appendix D)
+        waits += left_out_by_the_wait(report)
     lines = [
         f"PostgreSQL {report.primary.version}",
         "tbl_users is hash partitioned: a partition FOR VALUES WITH (modulus m, remainder r) takes the rows",
@@ -705,29 +673,24 @@ def render_text(report: Report) -> str:
         f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
         f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have replayed it,",
         "so the demo waits for them, and then reads from those that did (read-your-writes):",
-        *[f"  {replica}: {outcome}" for replica, outcome in sorted(waits.items())],
+        *sorted(waits),
         "",
         "Each new user: the partition predicted in Python before the insert -> where the server put it",
         f"(tableoid, read from {where(report.landing.server)}):",
     ]
     for number, predicted, actual in report.new_users():
-        verdict = "ok" if actual == predicted else "MISMATCH"
         found = actual.name + stored(actual) if actual else "not found"
-        lines.append(
-            f"  {user_name(number):<12} {uuid.UUID(bytes=report.ids[number])}  "
-            f"{predicted.name}{stored(predicted)} -> {found}  {verdict}"
-        )
+        verdict = "ok" if actual == predicted else "MISMATCH"
+        user_id = uuid.UUID(bytes=written.ids[number])
+        lines.append(f"  {user_name(number):<12} {user_id}  {predicted.name}{stored(predicted)} -> {found}  {verdict}")
     if written.users > report.show:
         lines += [f"  ... and {written.users - report.show:,} more", *landing_table(report)]  # appendix B
     if report.on_shards:
-        lines += [
-            "",
-            "Read on each shard itself (not through master-db): this run's users it stores, by partition:",
-        ]
-        lines += [
-            f"  {shard}: {', '.join(f'{name} {count:,}' for name, count in sorted(held.items())) or 'none'}"
-            for shard, held in report.on_shards.items()
-        ]
+        lines += ["", "Read on each shard itself (not through master-db): this run's users it stores, by partition:"]
+        for shard, held in report.on_shards.items():
+            lines.append(
+                f"  {shard}: {', '.join(f'{name} {count:,}' for name, count in sorted(held.items())) or 'none'}"
+            )
         lines.append(f"  as predicted, and on no other shard: {report.shards_as_predicted()}")
 
     by_id, by_name = report.pruning.value
@@ -737,17 +700,13 @@ def render_text(report: Report) -> str:
         f"  WHERE id = <{user_name(0)}'s id> reads {', '.join(by_id)}",
         f"  WHERE first_name = '{user_name(0)}' reads {', '.join(by_name)}",
         "",
-        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every "
-        "run's, this run's "
+        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every run's, this run's "
         f"{written.users:,} included.",
         "(To start afresh: TRUNCATE tbl_users on the primary.)",
     ]
-    for partition, answer in zip(partitions, report.contents, strict=True):
+    for partition, answer in zip(report.primary.partitions, report.contents, strict=True):
         count, rows = answer.value
-        lines += [
-            "",
-            f"Partition {partition.name}: {count:,} record{'' if count == 1 else 's'}{stored(partition)}",
-        ]
+        lines += ["", f"Partition {partition.name}: {count:,} record{'' if count == 1 else 's'}{stored(partition)}"]
         lines.append(f"  {partition.bound}; read from {where(answer.server)}")
         lines += [f"  - {first_name} (ID: {user_id})" for user_id, first_name in rows]
         lines += [f"  ... and {count - len(rows):,} more"] if count > len(rows) else []
@@ -762,14 +721,9 @@ def render_text(report: Report) -> str:
             "  the smallest id in the table: the oldest user of every run so far",
             f"  its creation time is decoded from the UUIDv7 itself; read from {where(report.first_user.server)}",
         ]
-
-    # A replica left out by the wait is told there; say here what happened after it.
-    later = [
-        f"  {skip.replica.service} left out: {skip.reason}" for skip in report.skipped if skip.when != "waited for"
-    ]
-    if report.primary_served_reads:
-        later.append(f"  no replica left, so reads went to the primary {primary.service}")
-    return "\n".join(lines + (["", "During the reads:", *later] if later else []))
+    if report.skipped:
+        lines += left_out_during_the_reads(report)
+    return "\n".join(lines)
 
 
 # ================================================================================================
@@ -929,12 +883,9 @@ def random_bits(count: int) -> int:
     return int.from_bytes(os.urandom(8)) >> (64 - count)
 
 
-def insert_many_users(
-    primary: Server, count: int, partitions: Sequence[Partition]
-) -> tuple[IdBuffer, Counter[int], Written]:
-    maker = UUIDv7Maker()
+def insert_many_users(primary: Server, count: int, partitions: Sequence[Partition]) -> Written:
+    maker, buffer = UUIDv7Maker(), bytearray()
     made = progress_printer(count, "made the ids of")
-    buffer = bytearray()
     for number in range(count):
         buffer += maker.new()
         made(number + 1)
@@ -968,10 +919,10 @@ def insert_many_users(
             for number in range(count):
                 copy.write_row((ids[number], user_name(number)))
                 if number % 1000 == 0:
-                    primary.watchdog.progress()  # a COPY that moves is not a server that stopped
+                    primary.watchdog.last_progress = time.monotonic()  # a COPY that moves is not a server that stopped
                 loaded(number + 1)
 
-    return ids, predicted, commit(primary, ids, "COPY", copy_rows)
+    return commit(primary, ids, predicted, "COPY", copy_rows)
 
 
 def progress_printer(total: int, verb: str) -> Callable[[int], None]:
@@ -989,16 +940,16 @@ def progress_printer(total: int, verb: str) -> Callable[[int], None]:
 def landing_table(report: Report) -> list[str]:
     """This run's users per partition, predicted and actual; from 1,000 users, also the spread (below
     that, 5 users over 4 partitions cannot split evenly, whatever the hash)."""
-    landed = report.landing.value[0]
-    spread = report.written.users >= 1000
-    lines = ["", f"This run's {report.written.users:,} users by partition:"]
-    lines.append(
-        f"  {'partition':<14} {'predicted':>10} {'actual':>10}" + (f" {'share':>8} {'vs even':>8}" if spread else "")
+    landed, users = report.landing.value[0], report.written.users
+    spread = users >= 1000
+    header = f"  {'partition':<14} {'predicted':>10} {'actual':>10}" + (
+        f" {'share':>8} {'vs even':>8}" if spread else ""
     )
+    lines = ["", f"This run's {users:,} users by partition:", header]
     for partition in report.primary.partitions:
-        line = f"  {partition.name:<14} {report.predicted[partition.oid]:>10,} {landed[partition.oid]:>10,}"
+        line = f"  {partition.name:<14} {report.written.predicted[partition.oid]:>10,} {landed[partition.oid]:>10,}"
         if spread:
-            share, deviation = share_and_deviation(landed[partition.oid], report.written.users, partition)
+            share, deviation = share_and_deviation(landed[partition.oid], users, partition)
             # round, then + 0.0, so that -0.04 shows as 0.0, not -0.0
             line += f" {round(share * 100, 1) + 0.0:>7.1f}% {round(deviation * 100, 1) + 0.0:>+7.1f}%"
         lines.append(line)
@@ -1019,8 +970,10 @@ def share_and_deviation(actual: int, users: int, partition: Partition) -> tuple[
 def print_json(report: Report) -> None:
     """The report as one JSON object on stdout; the warnings also on stderr, one line each, since the
     text report names the replicas left out and a program reading JSON may not look for them."""
-    written, landed = report.written, report.landing.value[0]  # this run's users per partition
-    first = report.first_user.value
+    written, landed, first = report.written, report.landing.value[0], report.first_user.value
+    warnings = [f"{skip.replica.service} ({skip.replica.address}) skipped: {skip.reason}" for skip in report.skipped]
+    if primary_served_reads(report):
+        warnings.append(f"no replica left: reads went to the primary {written.primary.service}")
     document = {
         "server_version": report.primary.version,
         **served_json(written.primary, report, "written_to"),
@@ -1030,7 +983,7 @@ def print_json(report: Report) -> None:
         "catchup": [{"replica": name, "seconds": round(seconds, 4)} for name, seconds in report.catchup.items()],
         "inserted": [
             {
-                "id": str(uuid.UUID(bytes=report.ids[number])),
+                "id": str(uuid.UUID(bytes=written.ids[number])),
                 "first_name": user_name(number),
                 "predicted_partition": predicted.name,
                 "actual_partition": actual.name if actual else None,
@@ -1059,18 +1012,13 @@ def print_json(report: Report) -> None:
             **served_json(report.first_user.server, report, "read_from"),
         },
         "skipped": [
-            {
-                "replica": skip.replica.service,
-                "address": skip.replica.address,
-                "reason": skip.reason,
-                "when": skip.when,
-            }
+            {"replica": skip.replica.service, "address": skip.replica.address, "reason": skip.reason, "when": skip.when}
             for skip in report.skipped
         ],
-        "warnings": report_warnings(report),
+        "warnings": warnings,
     }
     print(json.dumps(document, indent=2), flush=True)
-    warn(document["warnings"])  # type: ignore[arg-type]
+    warn(warnings)
 
 
 def partition_json(partition: Partition, answer: Answer[Any], landed: int, report: Report) -> dict[str, Any]:
@@ -1083,7 +1031,7 @@ def partition_json(partition: Partition, answer: Answer[Any], landed: int, repor
         "modulus": partition.modulus,
         "remainder": partition.remainder,
         "count": answer.value[0],
-        "predicted": report.predicted[partition.oid],
+        "predicted": report.written.predicted[partition.oid],
         "actual": landed,
         "share": round(share, 6),
         "deviation_from_even": round(deviation, 6),
@@ -1100,13 +1048,6 @@ def served_json(server: Server, report: Report, verb: str) -> dict[str, Any]:
     }
 
 
-def report_warnings(report: Report) -> list[str]:
-    lines = [f"{skip.replica.service} ({skip.replica.address}) skipped: {skip.reason}" for skip in report.skipped]
-    if report.primary_served_reads:
-        lines.append(f"no replica left: reads went to the primary {report.written.primary.service}")
-    return lines
-
-
 def warn(warnings: Sequence[str]) -> None:
     for warning in warnings:
         print(f"sharding_demo.py: warning: {warning}", file=sys.stderr)
@@ -1116,7 +1057,7 @@ def warn(warnings: Sequence[str]) -> None:
 
 
 class ExitCode(IntEnum):
-    """The demo's exit codes, each with what it means (--help lists them)."""
+    """The demo's exit codes, each with what it means (--help lists them, and so does docs/failures.md)."""
 
     def __new__(cls, value: int, meaning: str) -> Self:
         member = int.__new__(cls, value)
@@ -1131,21 +1072,12 @@ class ExitCode(IntEnum):
         "the primary cannot be reached, was lost, or stopped answering before the commit: nothing was written",
     )
     LOGIN_REFUSED = 4, "the primary refused the login"
-    LAYOUT = (
-        5,
-        "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written",
-    )
-    AFTER_COMMIT = (
-        6,
-        "a failure after the commit: the users are in the table (the message says how many, and the LSN)",
-    )
+    LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
+    AFTER_COMMIT = 6, "a failure after the commit: the users are in the table (the message says how many, and the LSN)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
     COMMIT_UNKNOWN = 8, "the primary was lost during the COMMIT: whether the users were written is unknown"
     SHARD_DOWN = 9, "a shard cannot be reached (or lacks its tables) before the insert: nothing was written"
-    PARTLY_COMMITTED = (
-        10,
-        "a shard refused the COMMIT after another had committed: the message says who kept what",
-    )
+    PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
     STDOUT_CLOSED = 141, "stdout was closed before the report was printed, as with `| head`"
@@ -1161,8 +1093,8 @@ class DemoError(Exception):
 
 
 # What a server's failure looks like here: SQLAlchemy wraps psycopg's errors in DBAPIError; the COPY
-# uses psycopg directly and raises its own; a setting that is not UTF-8 cannot even be sent.
-DATABASE_ERRORS = (sqlalchemy.exc.DBAPIError, psycopg.Error, UnicodeError)
+# uses psycopg directly and raises its own.
+DATABASE_ERRORS = (sqlalchemy.exc.DBAPIError, psycopg.Error)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1182,22 +1114,36 @@ def exit_code_of(interruption: KeyboardInterrupt) -> int:  # 128 + the signal's 
     return 128 + (interruption.signal_number if isinstance(interruption, Interrupted) else signal.SIGINT)
 
 
-def interrupted(interruption: KeyboardInterrupt, when: str = "before the insert: nothing was written") -> str:
+def interrupted(interruption: KeyboardInterrupt, when: str) -> str:
     name = interruption.args[0] if isinstance(interruption, Interrupted) else "Ctrl-C"
     return f"interrupted ({name}) {when}"
 
 
-def output_failed(report: Report, error: BaseException) -> int:
-    """The report could not be printed: its reader went away (`| head`), or the run was interrupted."""
+def stopped(error: BaseException, report: Report | None) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP before the write (run() tells one during or after it), or while the
+    report was printed; or stdout closed before it was (`| head`)."""
     if isinstance(error, KeyboardInterrupt):
-        print(
-            f"sharding_demo.py: error: {interrupted(error, 'while printing the report')}; {committed(report.written)}",
-            file=sys.stderr,
-        )
+        when = "before the insert: nothing was written"
+        if report is not None:
+            when = f"while printing the report; {committed(report.written)}"
+        print(f"sharding_demo.py: error: {interrupted(error, when)}", file=sys.stderr)
         return exit_code_of(error)
     # Point stdout at /dev/null, so that Python's own flush at exit does not fail a second time.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return ExitCode.STDOUT_CLOSED
+
+
+def gave_up(watchdog: Watchdog, now: float) -> str:
+    """Why the watchdog gave up on a server: silent for too long, or past the catch-up wait's deadline."""
+    why = f"nothing for {watchdog.stall_timeout:g} s" if now <= watchdog.deadline else "nothing by the deadline"
+    return f"stopped answering ({why})"
+
+
+def cut_off(connection: psycopg.Connection[Any]) -> None:
+    """shutdown(2) a connection's socket, through a duplicate of its file descriptor: the call waiting
+    on it returns at once with an error. (suppress: libpq may have closed it meanwhile.)"""
+    with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
+        duplicate.shutdown(socket.SHUT_RDWR)
 
 
 # The SQLSTATE classes a server answers a new connection with (a login refused, no such database,
@@ -1213,52 +1159,6 @@ def answered(error: BaseException) -> bool:
     return code is not None and not invalidated and not code.startswith(CONNECTING)
 
 
-class CommitRefused(DemoError):
-    """The server answered the COMMIT with an error. On one server that rolls the transaction back. A
-    coordinator commits on each shard in turn (postgres_fdw has no two-phase commit), so one shard
-    may have committed before another refused: then the shards say who kept what."""
-
-    def __init__(self, primary: Server, ids: Sequence[bytes], error: BaseException) -> None:
-        self.primary, self.ids, self.users, self.reason = primary, ids, len(ids), one_line(error)
-        super().__init__(
-            f"{primary.service} refused the COMMIT: {self.reason}; the transaction was rolled back: "
-            "nothing was written",
-            ExitCode.REFUSED,
-        )
-
-    def explained(self, shards: Sequence[Server]) -> DemoError:
-        if not shards:
-            return self
-        kept = {}
-        for shard in shards:
-            try:
-                kept[shard.service] = f"{sum(users_on_shard(shard, self.ids).values()):,}"
-            except DATABASE_ERRORS as error:
-                kept[shard.service] = f"an unknown number ({cause(shard, error)})"
-        if all(count == "0" for count in kept.values()):
-            return DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
-        return DemoError(
-            f"{self.primary.service} refused the COMMIT: {self.reason}; partly committed, as read on "
-            "each shard: "
-            + ", ".join(f"{shard} kept {count} of this run's {self.users:,} users" for shard, count in kept.items())
-            + "; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them",
-            ExitCode.PARTLY_COMMITTED,
-        )
-
-
-def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
-    if error is None:
-        host, port = variable_of(shard.settings, "host"), variable_of(shard.settings, "port")
-        what = f"has no table {', '.join(names)}: check {host} and {port}"
-    else:
-        what = replica_failure(shard, error)
-    return DemoError(
-        f"{shard.service} ({shard.address}), which stores {', '.join(names)} for master-db, {what}; "
-        "nothing was written on any shard",
-        ExitCode.SHARD_DOWN,
-    )
-
-
 def sqlstate(error: BaseException) -> str | None:
     return getattr(getattr(error, "orig", error), "sqlstate", None)
 
@@ -1271,27 +1171,8 @@ def one_line(error: BaseException) -> str:
 
 
 def cause(server: Server, error: BaseException) -> str:
-    """What went wrong with a server, in words; also for a setting that cannot be sent."""
-    if server.service in server.watchdog.gave_up_on:
-        return server.watchdog.gave_up_on[server.service]
-    if isinstance(error, UnicodeError):
-        return not_text(server)
-    return one_line(error)
-
-
-def not_text(server: Server) -> str:
-    for field in ("host", "user", "password", "name"):
-        value = getattr(server.settings, field)
-        value = value.get_secret_value() if isinstance(value, SecretStr) else value
-        try:
-            value.encode()
-        except UnicodeEncodeError as error:
-            character = value[error.start]
-            byte = f"byte {ord(character) - 0xDC00:#04x}" if 0xDC80 <= ord(character) <= 0xDCFF else repr(character)
-            return (
-                f"{variable_of(server.settings, field)} is not UTF-8 text ({byte}), so it cannot be sent to the server"
-            )
-    return f"{variable_of(server.settings, 'host')} cannot be encoded as a host name"
+    """What went wrong with a server, in words: why the watchdog cut it off, or the driver's error."""
+    return server.watchdog.gave_up_on.get(server.service) or one_line(error)
 
 
 def refused_login(error: BaseException) -> bool:
@@ -1303,24 +1184,24 @@ def refused_login(error: BaseException) -> bool:
 def primary_failed(primary: Server, error: BaseException) -> DemoError:
     """The primary failed its check, before anything was written."""
     where = f"{primary.service} ({primary.address})"
-    if isinstance(error, UnicodeError) and primary.service not in primary.watchdog.gave_up_on:
-        return DemoError(f"invalid setting {not_text(primary)}", ExitCode.CONFIG)
     if refused_login(error):
         return DemoError(f"{where} refused the login: {one_line(error)}", ExitCode.LOGIN_REFUSED)
     if sqlstate(error) == "57014":  # query_canceled: a statement_timeout, or a cancel request
-        return DemoError(
-            f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written",
-            ExitCode.REFUSED,
-        )
+        message = f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written"
+        return DemoError(message, ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        return DemoError(
-            f"{where} {cause(primary, error)} during the checks; nothing was written", ExitCode.PRIMARY_LOST
-        )
+        message = f"{where} {cause(primary, error)} during the checks; nothing was written"
+        return DemoError(message, ExitCode.PRIMARY_LOST)
     return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
 
+LAYOUT_THE_DEMO_KNOWS = (
+    "the demo predicts where rows land only in tbl_users PARTITION BY HASH (id), split into plain tables "
+    "(or foreign tables on shard-one and shard-two) that cover every remainder, as init-master.sql makes it"
+)
+
+
 def unusable_partition(primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool) -> DemoError:
-    where = f"{primary.service} ({primary.address})"
     if key != "HASH (id)":
         what = f"has tbl_users partitioned by {key}"
     elif kind not in ("r", "f"):
@@ -1331,52 +1212,49 @@ def unusable_partition(primary: Server, name: str, shard: str | None, kind: str,
         what = f"has {name}, a partition that this user may not read (SELECT on it, USAGE on its schema)"
     else:
         what = f"has {name}, which is not a hash partition"
-    return DemoError(f"{where} {what}; {LAYOUT_THE_DEMO_KNOWS}; nothing was written", ExitCode.LAYOUT)
-
-
-LAYOUT_THE_DEMO_KNOWS = (
-    "the demo predicts where rows land only in tbl_users PARTITION BY HASH (id), split into plain tables "
-    "(or foreign tables on shard-one and shard-two) that cover every remainder, as init-master.sql makes it"
-)
+    message = f"{primary.service} ({primary.address}) {what}; {LAYOUT_THE_DEMO_KNOWS}; nothing was written"
+    return DemoError(message, ExitCode.LAYOUT)
 
 
 def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
     where = f"{primary.service} ({primary.address})"
     if facts.identity[0]:
         host, port = variable_of(primary.settings, "host"), variable_of(primary.settings, "port")
-        return DemoError(
-            f"{where} is a standby, not the primary: check {host} and {port}",
-            ExitCode.CONFIG,
-        )
-    if not facts.partitions:
-        with primary.engine.connect() as connection:
-            exists, key = connection.execute(
-                text(
-                    "SELECT to_regclass('tbl_users') IS NOT NULL, (SELECT pg_get_partkeydef(partrelid) "
-                    "FROM pg_partitioned_table WHERE partrelid = to_regclass('tbl_users'))"
-                )
-            ).one()
-        if not exists:
-            return DemoError(
-                f"{where} has no table tbl_users: the cluster is not initialised (start it with "
-                "`docker compose up -d --wait` or `python local_cluster.py`)",
-                ExitCode.LAYOUT,
+        return DemoError(f"{where} is a standby, not the primary: check {host} and {port}", ExitCode.CONFIG)
+    if facts.partitions:
+        greatest, uncovered = max(p.modulus for p in facts.partitions), uncovered_remainders(facts.partitions)
+        what = f"partitions of tbl_users that leave remainders {uncovered} of modulus {greatest} without a partition"
+        return DemoError(f"{where} has {what}: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
+    with primary.engine.connect() as connection:
+        exists, key = connection.execute(
+            text(
+                "SELECT to_regclass('tbl_users') IS NOT NULL, (SELECT pg_get_partkeydef(partrelid) "
+                "FROM pg_partitioned_table WHERE partrelid = to_regclass('tbl_users'))"
             )
-        what = "that is not partitioned" if key is None else "without partitions"
-        return DemoError(f"{where} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
-    greatest = max(partition.modulus for partition in facts.partitions)
-    return DemoError(
-        f"{where} has partitions of tbl_users that leave remainders {uncovered_remainders(facts.partitions)} "
-        f"of modulus {greatest} without a partition: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}",
-        ExitCode.LAYOUT,
-    )
+        ).one()
+    if not exists:
+        start = "`docker compose up -d --wait` or `python local_cluster.py`"
+        message = f"{where} has no table tbl_users: the cluster is not initialised (start it with {start})"
+        return DemoError(message, ExitCode.LAYOUT)
+    what = "that is not partitioned" if key is None else "without partitions"
+    return DemoError(f"{where} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
+
+
+def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
+    if error is None:
+        host, port = variable_of(shard.settings, "host"), variable_of(shard.settings, "port")
+        what = f"has no table {', '.join(names)}: check {host} and {port}"
+    else:
+        what = replica_failure(shard, error)
+    message = f"{shard.service} ({shard.address}), which stores {', '.join(names)} for master-db, {what}"
+    return DemoError(f"{message}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 
 
 def replica_failure(replica: Server, error: BaseException) -> str:
     if refused_login(error):
         user, password = variable_of(replica.settings, "user"), variable_of(replica.settings, "password")
         return f"refused the login: {one_line(error)}: check {user} and {password}"
-    if isinstance(error, UnicodeError) or replica.service in replica.watchdog.gave_up_on:
+    if replica.service in replica.watchdog.gave_up_on:
         return cause(replica, error)
     return f"unreachable: {one_line(error)}"
 
@@ -1393,6 +1271,35 @@ def what_it_is_instead(replica: Server, identity: tuple[Any, ...], primary: tupl
     return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
 
 
+def leave_out(router: ReadWriteRouter, replica: Server, reason: str, when: str) -> None:
+    """A replica that failed, fell behind or is not a standby of this primary: no more reads go to it."""
+    if replica in router.replicas_in_use:
+        router.replicas_in_use.remove(replica)
+        router.skipped.append(Skipped(replica, reason, when))
+
+
+def left_out_by_the_wait(report: Report) -> list[str]:
+    waited = [skip for skip in report.skipped if skip.when == "waited for"]
+    return [
+        f"  {skip.replica.service} ({skip.replica.address}): {skip.reason}: left out of the reads" for skip in waited
+    ]
+
+
+def left_out_during_the_reads(report: Report) -> list[str]:
+    """The text report's last lines, when a replica was left out after the wait, or none was left."""
+    later = [
+        f"  {skip.replica.service} left out: {skip.reason}" for skip in report.skipped if skip.when != "waited for"
+    ]
+    if primary_served_reads(report):
+        later.append(f"  no replica left, so reads went to the primary {report.written.primary.service}")
+    return ["", "During the reads:", *later] if later else []
+
+
+def primary_served_reads(report: Report) -> bool:
+    answers = [report.landing, *report.contents, report.first_user, report.pruning]
+    return any(answer.server is report.written.primary for answer in answers)
+
+
 def still_behind(lag: int | None, elapsed: float) -> str:
     if lag is None:
         return f"its replay position is unknown after {elapsed:.1f}s"
@@ -1400,46 +1307,64 @@ def still_behind(lag: int | None, elapsed: float) -> str:
 
 
 def committed(written: Written) -> str:
-    return (
-        f"{written.users:,} users were committed on {written.primary.service} (commit LSN "
-        f"{written.commit_lsn}) "
-        "and stay in the table; do not run again to retry them"
-    )
+    where = f"{written.primary.service} (commit LSN {written.commit_lsn})"
+    return f"{written.users:,} users were committed on {where} and stay in the table; do not run again to retry them"
 
 
-def failure_of_the_write(
-    primary: Server, ids: Sequence[bytes], method: str, stage: str, error: BaseException
-) -> DemoError:
+class CommitRefused(DemoError):
+    """The server answered the COMMIT with an error. On one server that rolls the transaction back. A
+    coordinator commits on each shard in turn (postgres_fdw has no two-phase commit), so one shard
+    may have committed before another refused: then the shards say who kept what."""
+
+    def __init__(self, primary: Server, ids: Sequence[bytes], error: BaseException) -> None:
+        self.primary, self.ids, self.reason = primary, ids, one_line(error)
+        message = f"{primary.service} refused the COMMIT: {self.reason}; the transaction was rolled back"
+        super().__init__(f"{message}: nothing was written", ExitCode.REFUSED)
+
+    def explained(self, shards: Sequence[Server]) -> DemoError:
+        if not shards:
+            return self
+        kept = {}
+        for shard in shards:
+            try:
+                kept[shard.service] = f"{sum(users_on_shard(shard, self.ids).values()):,}"
+            except DATABASE_ERRORS as error:
+                kept[shard.service] = f"an unknown number ({cause(shard, error)})"
+        if all(count == "0" for count in kept.values()):
+            return DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
+        told = ", ".join(f"{shard} kept {count} of this run's {len(self.ids):,} users" for shard, count in kept.items())
+        return DemoError(
+            f"{self.primary.service} refused the COMMIT: {self.reason}; partly committed, as read on each shard: "
+            f"{told}; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them",
+            ExitCode.PARTLY_COMMITTED,
+        )
+
+
+def failure_of_the_write(written: Written, stage: str, error: BaseException) -> DemoError:
     """Before the COMMIT nothing was written; during it the outcome is unknown; after it, say what was."""
-    users = len(ids)
+    primary = written.primary
     if stage == "after":
-        return failure_after_commit(Written(users, method, primary, "unknown"), error)
+        return failure_after_commit(written, error)
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
-        return CommitRefused(primary, ids, error)
+        return CommitRefused(primary, written.ids, error)
     if stage == "during":
         what = (
             interrupted(error, "during the COMMIT")
             if isinstance(error, KeyboardInterrupt)
             else f"lost {primary.service} during the COMMIT ({cause(primary, error)})"
         )
+        message = f"{what}: whether the {written.users:,} users were committed is unknown"
         return DemoError(
-            f"{what}: whether the {users:,} users were committed is unknown; count the rows of tbl_users "
-            "on the primary before running again",
-            ExitCode.COMMIT_UNKNOWN,
+            f"{message}; count the rows of tbl_users on the primary before running again", ExitCode.COMMIT_UNKNOWN
         )
     if isinstance(error, KeyboardInterrupt):
         return DemoError(interrupted(error, "before the commit: nothing was written"), exit_code_of(error))
     if sqlstate(error) == "57014":
-        return DemoError(
-            f"{primary.service} cancelled the insert (a statement_timeout, or a cancel request): "
-            f"{one_line(error)}; nothing was written",
-            ExitCode.REFUSED,
-        )
+        what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
+        return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     if not answered(error):
-        return DemoError(
-            f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written",
-            ExitCode.PRIMARY_LOST,
-        )
+        message = f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written"
+        return DemoError(message, ExitCode.PRIMARY_LOST)
     return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
 
 
@@ -1449,15 +1374,14 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     if isinstance(error, KeyboardInterrupt):
         return DemoError(interrupted(error, f"after the commit: {committed(written)}"), exit_code_of(error))
     primary = written.primary
-    what = (
-        f"{primary.service} {cause(primary, error)}"
-        if primary.service in primary.watchdog.gave_up_on
-        else one_line(error)
-    )
+    gave_up_on = primary.service in primary.watchdog.gave_up_on
+    what = f"{primary.service} {cause(primary, error)}" if gave_up_on else one_line(error)
     return DemoError(f"failed after the commit: {what}; {committed(written)}", ExitCode.AFTER_COMMIT)
 
 
 # ======== Appendix E. The command line, and settings that are probably mistakes =================
+
+SERVER_SETTINGS = (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings, ShardOneSettings, ShardTwoSettings)
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -1469,25 +1393,18 @@ class FlagParser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         lines = ["", "environment variables (also read from .env in this folder; a flag wins):"]
-        for settings_class in (
-            MasterDBSettings,
-            ReplicaOneSettings,
-            ReplicaTwoSettings,
-            ShardOneSettings,
-            ShardTwoSettings,
-        ):
-            names = ", ".join(variable_of(settings_class, name) for name in settings_class.model_fields)
-            defaults = ", ".join(
-                str(field.default.get_secret_value() if isinstance(field.default, SecretStr) else field.default)
-                for field in settings_class.model_fields.values()
-            )
-            lines += [f"  {names}", f"      {settings_class.service} (defaults: {defaults})"]
+        for settings_class in SERVER_SETTINGS:
+            fields = settings_class.model_fields
+            defaults = [field.default for field in fields.values()]
+            shown = [value.get_secret_value() if isinstance(value, SecretStr) else value for value in defaults]
+            lines.append(f"  {', '.join(variable_of(settings_class, name) for name in fields)}")
+            lines.append(f"      {settings_class.service} (defaults: {', '.join(map(str, shown))})")
         lines += [
             "  and DEMO_<FLAG> for each flag above, e.g. DEMO_CATCHUP_TIMEOUT (DEMO_JSON_OUTPUT for --json)",
             "",
             "exit codes:",
+            *[f"  {code.value:<4}{code.meaning}" for code in ExitCode],
         ]
-        lines += [f"  {code.value:<4}{code.meaning}" for code in ExitCode]
         return super().format_help() + "\n".join(lines) + "\n"
 
 
@@ -1519,11 +1436,8 @@ def variable_of(settings: BaseSettings | type[BaseSettings], name: str) -> str:
 def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str, Any]) -> DemoError:
     """'invalid setting MASTER_DB_PORT=abc: Input should be a valid integer ...' from pydantic's error."""
     if isinstance(error, UnicodeDecodeError):
-        byte = error.object[error.start]
-        return DemoError(
-            f".env is not UTF-8 text (byte {byte:#04x} at offset {error.start}): save it as UTF-8",
-            ExitCode.CONFIG,
-        )
+        where = f"byte {error.object[error.start]:#04x} at offset {error.start}"
+        return DemoError(f".env is not UTF-8 text ({where}): save it as UTF-8", ExitCode.CONFIG)
     first = error.errors()[0]  # type: ignore[attr-defined]
     name = str(first["loc"][0])
     if name in flags:
@@ -1536,8 +1450,7 @@ def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str
 
 def settings_warnings() -> list[str]:
     """Things in .env or the environment that are probably mistakes, one line each."""
-    warnings = []
-    path = Path(".env")
+    warnings, values, path = [], {}, Path(".env")
     if path.is_file():
         unparsed: list[int] = []
 
@@ -1545,29 +1458,26 @@ def settings_warnings() -> list[str]:
             def emit(self, record: logging.LogRecord) -> None:
                 unparsed.extend(int(arg) for arg in record.args or ())  # type: ignore[union-attr, arg-type]
 
-        logger = logging.getLogger("dotenv.main")
-        logger.disabled, handler = False, Collect()
+        logger, handler = logging.getLogger("dotenv.main"), Collect()
+        logger.disabled = False
         logger.addHandler(handler)
         try:
             values = dotenv_values(path, encoding="utf-8")
         except UnicodeDecodeError:
-            values = {}  # loading the settings says so, in one line
+            pass  # loading the settings says so, in one line
         finally:
             logger.removeHandler(handler)
             logger.disabled = True
         if unparsed:
-            where = f"lines {', '.join(map(str, unparsed))} were" if len(unparsed) > 1 else f"line {unparsed[0]} was"
-            warnings.append(f".env {where} not NAME=value, and ignored")
+            lines = f"lines {', '.join(map(str, unparsed))} were" if len(unparsed) > 1 else f"line {unparsed[0]} was"
+            warnings.append(f".env {lines} not NAME=value, and ignored")
         warnings += dollar_warnings(path)
-    else:
-        values = {}
     known = {variable_of(DemoSettings, name) for name in DemoSettings.model_fields}
     names = {name.upper() for name in [*os.environ, *values] if name.upper().startswith("DEMO_")}
-    warnings += [
+    return warnings + [
         f"{name} is not a setting of this demo, and is ignored (it has {', '.join(sorted(known))})"
         for name in sorted(names - known)
     ]
-    return warnings
 
 
 def dollar_warnings(path: Path) -> list[str]:
@@ -1581,13 +1491,14 @@ def dollar_warnings(path: Path) -> list[str]:
     warnings = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         match = re.match(r"\s*(?:export\s+)?(\w*PASSWORD)\s*=\s*(.*)", line)
-        if match and (
-            ("$" in match[2] and not match[2].startswith("'") and re.search(r"\$[A-Za-z_{$]", match[2]))
-            or "${" in match[2]
-        ):
+        if match is None:
+            continue
+        name, value = match[1], match[2]
+        compose_replaces = not value.startswith("'") and re.search(r"\$[A-Za-z_{$]", value)
+        if compose_replaces or "${" in value:
             warnings.append(
-                f"{match[1]} in .env has a '$' that docker compose and this demo read differently; "
-                f"write the value in single quotes, without '${{' ({match[1]}='...')"
+                f"{name} in .env has a '$' that docker compose and this demo read differently; "
+                f"write the value in single quotes, without '${{' ({name}='...')"
             )
     return warnings
 

@@ -221,7 +221,7 @@ def test_a_lookup_by_id_reads_only_the_predicted_partition(cluster: LocalCluster
     report = run_in_process()
     by_id, without_key = report.pruning.value
     # Where the server really put the first new user, asked here on the primary, by tableoid.
-    first_id = uuid.UUID(bytes=report.ids[0])
+    first_id = uuid.UUID(bytes=report.written.ids[0])
     with connect(cluster.primary) as primary:
         [(holder,)] = primary.execute(
             "SELECT c.relnamespace::regnamespace || '.' || c.relname FROM tbl_users u JOIN pg_class c "
@@ -244,7 +244,7 @@ def test_the_lesson_s_ids_come_from_uuid6_and_carry_the_time(run_in_process) -> 
     started = datetime.now(UTC)
     report = run_in_process()
     finished = datetime.now(UTC)
-    ids = [uuid.UUID(bytes=id_bytes) for id_bytes in report.ids]
+    ids = [uuid.UUID(bytes=id_bytes) for id_bytes in report.written.ids]
     assert all(user_id.version == 7 for user_id in ids) and ids == sorted(ids)
     times = [unix_milliseconds_of(str(user_id)) for user_id in ids]
     # uuid6 moves each id made in the same millisecond 1 ms ahead: five ids, at most 4 ms.

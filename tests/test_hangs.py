@@ -247,7 +247,7 @@ def test_a_replica_promoted_mid_run_is_refused_and_named(
     answers = [report.landing, *report.contents, report.first_user, report.pruning]
     assert all(answer.server.service in {"replica-one", "replica-two"} for answer in answers)
     assert all(answer.server.service == "replica-two" for answer in report.contents[1:])
-    assert not report.primary_served_reads
+    assert not sharding_demo.primary_served_reads(report)
     assert "no replica left" not in sharding_demo.render_text(report)
 
 
@@ -286,7 +286,7 @@ def test_a_decoy_on_the_search_path_changes_nothing(cluster: LocalCluster, run_i
     counted = {p.name: answer.value[0] for p, answer in zip(report.primary.partitions, report.contents, strict=True)}
     assert sum(counted.values()) == sum(real.values()) == 40  # not a single decoy row
     assert all(name != "Decoy" for answer in report.contents for _, name in answer.value[1])
-    assert report.predicted == report.landing.value[0]
+    assert report.written.predicted == report.landing.value[0]
 
 
 def test_a_partition_the_user_may_not_read_is_refused_before_the_insert(cluster: LocalCluster) -> None:
@@ -340,20 +340,23 @@ def test_a_primary_password_that_is_not_utf8_is_one_line_and_exit_2(cluster: Loc
     result = run_with_bytes(cluster, b"MASTER_DB_PASSWORD", b"p\xe4ss")
     assert result.returncode == 2, result.stderr
     assert errors_of(result.stderr) == [
-        "sharding_demo.py: error: invalid setting MASTER_DB_PASSWORD is not UTF-8 text (byte 0xe4), "
+        "sharding_demo.py: error: invalid setting MASTER_DB_PASSWORD: Value error, is not UTF-8 text (byte 0xe4), "
         "so it cannot be sent to the server"
     ]
     assert count_on(cluster.primary) == before
 
 
-def test_a_replica_password_that_is_not_utf8_leaves_that_replica_out(cluster: LocalCluster) -> None:
-    result = run_with_bytes(cluster, b"REPLICA_ONE_PASSWORD", b"p\xe4ss")
-    assert result.returncode == 0, result.stderr
-    report = sharding_demo.json.loads(result.stdout)
-    [skip] = report["skipped"]
-    assert skip["replica"] == "replica-one"
-    assert skip["reason"] == "REPLICA_ONE_PASSWORD is not UTF-8 text (byte 0xe4), so it cannot be sent to the server"
-    assert {partition["read_from"] for partition in report["partitions"]} == {"replica-two"}
+def test_a_replica_host_that_is_not_utf8_is_a_setting_error_too(cluster: LocalCluster) -> None:
+    # A value that can never be sent is bad input, as a port of "abc" is: exit 2 before anything is written,
+    # for a replica as for the primary (a replica that refuses a valid login is left out instead).
+    before = count_on(cluster.primary)
+    result = run_with_bytes(cluster, b"REPLICA_ONE_HOST", b"127.0.0.\xff")
+    assert result.returncode == 2, result.stderr
+    assert errors_of(result.stderr) == [
+        "sharding_demo.py: error: invalid setting REPLICA_ONE_HOST=127.0.0.\\udcff: Value error, is not UTF-8 text "
+        "(byte 0xff), so it cannot be sent to the server"
+    ]
+    assert count_on(cluster.primary) == before
 
 
 # ------------------------------------------------------------------------------------------------
