@@ -1327,7 +1327,10 @@ class CommitRefused(DemoError):
         kept = {}
         for shard in shards:
             try:
+                settled = wait_for_commits_in_flight(shard)
                 kept[shard.service] = f"{sum(users_on_shard(shard, self.ids).values()):,}"
+                if not settled:
+                    kept[shard.service] += " so far (a transaction was still in progress there: count again)"
             except DATABASE_ERRORS as error:
                 kept[shard.service] = f"an unknown number ({cause(shard, error)})"
         if all(count == "0" for count in kept.values()):
@@ -1338,6 +1341,26 @@ class CommitRefused(DemoError):
             f"{told}; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them",
             ExitCode.PARTLY_COMMITTED,
         )
+
+
+# The transactions that hold an xid on a server now, as pg_stat_activity shows them to any user; and how many of
+# those are still there.
+IN_PROGRESS = text("SELECT CAST(backend_xid AS text) FROM pg_stat_activity WHERE backend_xid IS NOT NULL")
+STILL_IN_PROGRESS = text("SELECT count(*) FROM pg_stat_activity WHERE CAST(backend_xid AS text) = ANY(:xids)")
+
+
+def wait_for_commits_in_flight(shard: Server) -> bool:
+    """Wait until the transactions in progress on the shard now have ended, for up to stall_timeout seconds; say if
+    they did. Once one shard refuses its COMMIT, postgres_fdw does not wait for the others' answers: a shard may still
+    be committing this run's users when the coordinator's error comes back, so counting at once could say none."""
+    deadline = time.monotonic() + shard.watchdog.stall_timeout
+    with shard.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        xids = connection.scalars(IN_PROGRESS).all()  # each statement reads pg_stat_activity afresh
+        while xids and connection.scalar(STILL_IN_PROGRESS, {"xids": xids}):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+    return True
 
 
 def failure_of_the_write(written: Written, stage: str, error: BaseException) -> DemoError:
