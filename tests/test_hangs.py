@@ -335,26 +335,27 @@ def run_with_bytes(cluster: LocalCluster, name: bytes, value: bytes) -> subproce
     )
 
 
-def test_a_primary_password_that_is_not_utf8_is_one_line_and_exit_2(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize(
+    "name, value, shown",
+    [
+        (b"MASTER_DB_PASSWORD", b"p\xe4ss", "MASTER_DB_PASSWORD: Value error, is not UTF-8 text (byte 0xe4)"),
+        (
+            b"REPLICA_ONE_HOST",
+            b"127.0.0.\xff",
+            "REPLICA_ONE_HOST=127.0.0.\\udcff: Value error, is not UTF-8 text (byte 0xff)",
+        ),
+    ],
+)
+def test_a_setting_that_is_not_utf8_is_one_line_and_exit_2(
+    cluster: LocalCluster, name: bytes, value: bytes, shown: str
+) -> None:
+    # A value that can never be sent is bad input, as a port of "abc" is: exit 2 before anything is written, for a
+    # replica as for the primary (a replica that refuses a valid login is left out of the reads instead).
     before = count_on(cluster.primary)
-    result = run_with_bytes(cluster, b"MASTER_DB_PASSWORD", b"p\xe4ss")
+    result = run_with_bytes(cluster, name, value)
     assert result.returncode == 2, result.stderr
     assert errors_of(result.stderr) == [
-        "sharding_demo.py: error: invalid setting MASTER_DB_PASSWORD: Value error, is not UTF-8 text (byte 0xe4), "
-        "so it cannot be sent to the server"
-    ]
-    assert count_on(cluster.primary) == before
-
-
-def test_a_replica_host_that_is_not_utf8_is_a_setting_error_too(cluster: LocalCluster) -> None:
-    # A value that can never be sent is bad input, as a port of "abc" is: exit 2 before anything is written,
-    # for a replica as for the primary (a replica that refuses a valid login is left out instead).
-    before = count_on(cluster.primary)
-    result = run_with_bytes(cluster, b"REPLICA_ONE_HOST", b"127.0.0.\xff")
-    assert result.returncode == 2, result.stderr
-    assert errors_of(result.stderr) == [
-        "sharding_demo.py: error: invalid setting REPLICA_ONE_HOST=127.0.0.\\udcff: Value error, is not UTF-8 text "
-        "(byte 0xff), so it cannot be sent to the server"
+        f"sharding_demo.py: error: invalid setting {shown}, so it cannot be sent to the server"
     ]
     assert count_on(cluster.primary) == before
 
