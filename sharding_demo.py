@@ -1075,7 +1075,11 @@ class ExitCode(IntEnum):
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are in the table (the message says how many, and the LSN)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
-    COMMIT_UNKNOWN = 8, "the primary was lost during the COMMIT: whether the users were written is unknown"
+    COMMIT_UNKNOWN = (
+        8,
+        "the primary was lost during the COMMIT, or a shard could not be counted after another refused it: whether "
+        "the users were written is unknown",
+    )
     SHARD_DOWN = 9, "a shard cannot be reached (or lacks its tables) before the insert: nothing was written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
@@ -1322,25 +1326,33 @@ class CommitRefused(DemoError):
         super().__init__(f"{message}: nothing was written", ExitCode.REFUSED)
 
     def explained(self, shards: Sequence[Server]) -> DemoError:
+        """Read on each shard how many of this run's users it kept: none (nothing was written), some (partly
+        committed), or none that can be counted for sure (the outcome is unknown)."""
         if not shards:
             return self
-        kept = {}
+        kept_some, all_known, told = False, True, []
         for shard in shards:
             try:
                 settled = wait_for_commits_in_flight(shard)
-                kept[shard.service] = f"{sum(users_on_shard(shard, self.ids).values()):,}"
-                if not settled:
-                    kept[shard.service] += " so far (a transaction was still in progress there: count again)"
+                count = sum(users_on_shard(shard, self.ids).values())
             except DATABASE_ERRORS as error:
-                kept[shard.service] = f"an unknown number ({cause(shard, error)})"
-        if all(count == "0" for count in kept.values()):
+                all_known = False
+                told.append(f"{shard.service} kept an unknown number of this run's users ({cause(shard, error)})")
+                continue
+            kept_some, all_known = kept_some or count > 0, all_known and settled
+            note = "" if settled else " so far (a transaction was still open there)"
+            told.append(f"{shard.service} kept {count:,} of this run's {len(self.ids):,} users{note}")
+        refused, each = f"{self.primary.service} refused the COMMIT: {self.reason}", ", ".join(told)
+        if kept_some:  # what a shard has committed stays, whatever the others did
+            return DemoError(
+                f"{refused}; partly committed, as read on each shard: {each}; those stay (postgres_fdw has no "
+                "two-phase commit), and tbl_users shows them",
+                ExitCode.PARTLY_COMMITTED,
+            )
+        if all_known:
             return DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
-        told = ", ".join(f"{shard} kept {count} of this run's {len(self.ids):,} users" for shard, count in kept.items())
-        return DemoError(
-            f"{self.primary.service} refused the COMMIT: {self.reason}; partly committed, as read on each shard: "
-            f"{told}; those stay (postgres_fdw has no two-phase commit), and tbl_users shows them",
-            ExitCode.PARTLY_COMMITTED,
-        )
+        message = f"{refused}; as read on each shard: {each}; whether any of them is kept is unknown"
+        return DemoError(f"{message}: count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
 
 
 # The transactions that hold an xid on a server now, as pg_stat_activity shows them to any user; and how many of

@@ -257,6 +257,51 @@ def test_a_half_commit_is_counted_once_the_other_shard_has_finished_committing(
     assert f"{told['shard-one']}, {told['shard-two']};" in result.stderr
 
 
+@pytest.mark.parametrize("refusing", [("shard-two",), ("shard-one", "shard-two")])
+def test_a_half_commit_that_cannot_be_counted_for_sure_says_so(
+    sharded: LocalCluster, refusing: tuple[str, ...]
+) -> None:
+    # Another transaction stays open on shard-one (it holds an xid) for longer than the stall bound, so the demo
+    # cannot know that shard-one has no commit of this run still in flight: it says what it counted "so far", and
+    # if that is nothing anywhere, that the outcome is unknown (exit 8), not that nothing was written.
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    for name in refusing:
+        node = shard_of(sharded, name)
+        node.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$"
+        )
+        for table in partitions_on(node):
+            node.execute(
+                f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON {table} "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+    try:
+        with tcp(shard_of(sharded, "shard-one")) as other:
+            other.execute("BEGIN")
+            other.execute("SELECT pg_current_xact_id()")  # now it holds an xid, until it ends
+            result = run_demo(sharded, "--users", "100", env={"DEMO_STALL_TIMEOUT": "1"})
+            other.execute("ROLLBACK")
+    finally:
+        for name in refusing:
+            node = shard_of(sharded, name)
+            for table in partitions_on(node):
+                node.execute(f"DROP TRIGGER refuse ON {table}")
+            node.execute("DROP FUNCTION refuse()")
+    kept = {shard.name: len(ids_on(shard)) - before[shard.name] for shard in sharded.shards}
+
+    [line] = result.stderr.splitlines()
+    assert "shard-one kept" in line and "of this run's 100 users so far (a transaction was still open there)" in line
+    if len(refusing) == 1:
+        assert result.returncode == 10, result.stderr
+        assert kept["shard-one"] > 0 and kept["shard-two"] == 0
+        assert f"shard-one kept {kept['shard-one']:,} of this run's 100 users so far" in line
+    else:
+        assert result.returncode == 8, result.stderr
+        assert kept == {"shard-one": 0, "shard-two": 0}
+        assert line.endswith("whether any of them is kept is unknown: count the rows of tbl_users before running again")
+
+
 def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: LocalCluster) -> None:
     shard_two = shard_of(sharded, "shard-two")
     before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
