@@ -389,12 +389,12 @@ def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
     """Before the write: a shard that is down, or lacks its tables, stops the run, and nothing is
     written on any shard (the coordinator's transaction would fail as a whole)."""
     names = [partition.name for partition in facts.partitions if partition.shard == shard.service]
+    query = text("SELECT name FROM unnest(CAST(:names AS text[])) AS name WHERE to_regclass(name) IS NULL")
     try:
         with shard.engine.connect() as connection:
-            exists = {name: connection.scalar(text("SELECT to_regclass(:t)"), {"t": name}) for name in names}
+            missing = list(connection.scalars(query, {"names": names}))
     except DATABASE_ERRORS as error:
         raise shard_failed(shard, names, error) from None
-    missing = [name for name, oid in exists.items() if oid is None]
     if missing:
         raise shard_failed(shard, missing, None)
     return shard
@@ -551,26 +551,15 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
 
 
 def where_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tuple[Counter[int], dict[int, int]]:
-    """Where the server put this run's users: how many in each partition (by oid), and the partition
-    of each of the first `show`. tableoid is the oid of the table a row is stored in. Our ids were
-    made in increasing order, so one query lists the rows from our first id to our last, in id
-    order, streamed (yield_per), and the demo walks it beside its own ids, passing over other runs'
-    rows; one of ours that the server does not have is simply not found."""
-    rows = session.execute(
-        text("SELECT id, tableoid FROM tbl_users WHERE id BETWEEN :first AND :last ORDER BY id"),
-        {"first": uuid.UUID(bytes=ids[0]), "last": uuid.UUID(bytes=ids[len(ids) - 1])},
-        execution_options={"yield_per": 10_000},
-    )
-    counts, shown, ours, total = Counter[int](), {}, 0, len(ids)  # ours: the next of our ids to find
-    for server_id, partition_oid in rows:
-        while ours < total and ids[ours] < server_id.bytes:
-            ours += 1  # one of ours that the server does not have
-        if ours < total and ids[ours] == server_id.bytes:
-            counts[partition_oid] += 1
-            if ours < show:
-                shown[ours] = partition_oid
-            ours += 1
-    return counts, shown
+    """Where the server put this run's users: how many in each partition (by oid), and the partition of each of the
+    first `show`. tableoid is the system column that names the table a row is stored in."""
+    if len(ids) > 100:
+        return where_many_users_landed(session, ids, show)  # appendix B
+    query = text("SELECT id, tableoid FROM tbl_users WHERE id = ANY(:ids)")
+    rows = session.execute(query, {"ids": [uuid.UUID(bytes=id_bytes) for id_bytes in ids]})
+    landed = {user_id.bytes: partition_oid for user_id, partition_oid in rows}  # one of ours may be missing
+    shown = {number: landed[ids[number]] for number in range(min(show, len(ids))) if ids[number] in landed}
+    return Counter(landed.values()), shown
 
 
 def users_on_shard(shard: Server, ids: Sequence[bytes]) -> Counter[str]:
@@ -923,6 +912,28 @@ def insert_many_users(primary: Server, count: int, partitions: Sequence[Partitio
                 loaded(number + 1)
 
     return commit(primary, ids, predicted, "COPY", copy_rows)
+
+
+def where_many_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tuple[Counter[int], dict[int, int]]:
+    """where_users_landed for more than 100 users, where a list of every id in `id = ANY(...)` would be too big: a
+    million uuid.UUID objects take 110 MB here. Our ids were made in increasing order, so one query lists the rows
+    from our first id to our last, in id order, streamed (yield_per), and the demo walks it beside its own ids,
+    passing over other runs' rows; one of ours that the server does not have is simply not found."""
+    rows = session.execute(
+        text("SELECT id, tableoid FROM tbl_users WHERE id BETWEEN :first AND :last ORDER BY id"),
+        {"first": uuid.UUID(bytes=ids[0]), "last": uuid.UUID(bytes=ids[len(ids) - 1])},
+        execution_options={"yield_per": 10_000},
+    )
+    counts, shown, ours, total = Counter[int](), {}, 0, len(ids)  # ours: the next of our ids to find
+    for server_id, partition_oid in rows:
+        while ours < total and ids[ours] < server_id.bytes:
+            ours += 1  # one of ours that the server does not have
+        if ours < total and ids[ours] == server_id.bytes:
+            counts[partition_oid] += 1
+            if ours < show:
+                shown[ours] = partition_oid
+            ours += 1
+    return counts, shown
 
 
 def progress_printer(total: int, verb: str) -> Callable[[int], None]:
