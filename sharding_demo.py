@@ -524,6 +524,7 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
     asked in turn, every 10 ms, who it is and how far it has replayed: it is where the reads will go.
     (PostgreSQL's own tests, Cluster::wait_for_catchup, ask the primary instead.)"""
     started, caught_up, waiting = time.monotonic(), {}, list(router.replicas_in_use)
+    asked = list(waiting)
     router.primary.watchdog.deadline = started + timeout  # it cuts off a question unanswered by then
     try:
         while waiting:
@@ -544,6 +545,10 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
             time.sleep(0.01)
     finally:
         router.primary.watchdog.deadline = float("inf")
+        # A connection takes its settings (ALTER DATABASE ... SET search_path, say) as the server has them when it
+        # opens. The reads must not use one opened before the replica had replayed this far: close the wait's.
+        for replica in asked:
+            replica.engine.dispose()
     return caught_up
 
 

@@ -8,12 +8,14 @@ took against its bound, and the rows on every server afterwards.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -287,6 +289,45 @@ def test_a_decoy_on_the_search_path_changes_nothing(cluster: LocalCluster, run_i
     assert sum(counted.values()) == sum(real.values()) == 40  # not a single decoy row
     assert all(name != "Decoy" for answer in report.contents for _, name in answer.value[1])
     assert report.written.predicted == report.landing.value[0]
+
+
+def test_the_reads_use_connections_opened_after_the_replicas_caught_up(cluster: LocalCluster) -> None:
+    # A connection takes its settings (here the database's search_path) when it opens. The replicas are paused
+    # before the search_path is set, so the wait's first connections are opened with the old one; reads on those
+    # would not find tbl_users, which lives in schema adv.
+    settings = database_with(
+        cluster,
+        "late",
+        "CREATE SCHEMA adv",
+        "CREATE TABLE adv.tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        *(
+            f"CREATE TABLE adv.tbl_users_p{n} PARTITION OF adv.tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER {n})"
+            for n in range(4)
+        ),
+    )
+
+    def has_the_table(replica: PostgresNode) -> bool:
+        try:
+            with connect(replica, dbname="late") as connection:
+                return connection.execute("SELECT to_regclass('adv.tbl_users')").fetchone() != (None,)
+        except psycopg.OperationalError:  # the database is not there yet
+            return False
+
+    for replica in cluster.replicas:
+        assert wait_until(lambda replica=replica: has_the_table(replica))
+        pause_replay(cluster, replica)
+    with connect(cluster.primary) as primary:
+        primary.execute("ALTER DATABASE late SET search_path = adv, public")
+    demo = start_demo(cluster, "--json", env=settings | {"DEMO_CATCHUP_TIMEOUT": "20"})
+    time.sleep(2)  # the demo has committed, and is waiting for the paused replicas
+    for replica in cluster.replicas:
+        resume_replay(replica)
+    out, err = demo.communicate(timeout=60)
+    assert demo.returncode == 0, err
+    report = json.loads(out)
+    assert report["skipped"] == [], report["skipped"]
+    assert {partition["read_from"] for partition in report["partitions"]} <= {"replica-one", "replica-two"}
+    assert report["table_total"] == 5
 
 
 def test_a_partition_the_user_may_not_read_is_refused_before_the_insert(cluster: LocalCluster) -> None:
