@@ -96,8 +96,10 @@ def test_a_replica_stopped_during_the_read_back_is_left_out_and_the_read_retried
     paused: list[PostgresNode] = []
 
     def pause_the_replica_then_read(session: Any, ids: Any, show: int) -> Any:
-        # Deterministic: the replica that this read went to stops answering before the query is sent.
+        # Deterministic: the replica that this read went to stops answering once the read's connection is open
+        # (session.connection() opens it), before the query is sent.
         if not paused:
+            session.connection()
             port = session.get_bind().url.port
             paused.append(next(node for node in cluster.replicas if node.port == port))
             paused[0].pause()
