@@ -294,12 +294,14 @@ class Watchdog:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
         self.watched: dict[Any, tuple[Server, float | None]] = {}  # psycopg connection: (server, busy since)
         self.gave_up_on: dict[str, str] = {}  # the services it cut off, and why
+        self.servers: dict[str, Server] = {}  # every server it has watched, by service
         self.last_progress, self.lock = time.monotonic(), threading.Lock()
         threading.Thread(target=self.look, daemon=True).start()
 
     def watch(self, connection: psycopg.Connection[Any], server: Server) -> None:
         with self.lock:
             self.watched[connection] = (server, None)
+            self.servers[server.service] = server
 
     def forget(self, connection: psycopg.Connection[Any]) -> None:
         with self.lock:  # SQLAlchemy calls this before it closes the connection
@@ -455,7 +457,9 @@ class ReadWriteRouter:
                     result = work(session)
                     identity = session.execute(text(IDENTITY)).one()  # who answered, in the same transaction
             except DATABASE_ERRORS as error:
-                if server is self.primary or answered(error):  # an error it answered, say from a shard
+                # An error it answered (say, passed on from a shard), or a shard that stopped while this replica
+                # waited on it (appendix D): no other replica would do better.
+                if server is self.primary or answered(error) or shard_that_stopped(server):
                     raise
                 leave_out(self, server, replica_failure(server, error), when="during the reads")  # appendix D
                 continue
@@ -1096,7 +1100,10 @@ class ExitCode(IntEnum):
         "the primary was lost during the COMMIT, or a shard could not be counted after another refused it: whether "
         "the users were written is unknown",
     )
-    SHARD_DOWN = 9, "a shard cannot be reached (or lacks its tables) before the insert: nothing was written"
+    SHARD_DOWN = (
+        9,
+        "a shard cannot be reached, lacks its tables, or stopped answering before the commit: nothing written",
+    )
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
@@ -1164,6 +1171,27 @@ def cut_off(connection: psycopg.Connection[Any]) -> None:
     on it returns at once with an error. (suppress: libpq may have closed it meanwhile.)"""
     with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
         duplicate.shutdown(socket.SHUT_RDWR)
+
+
+def shard_that_stopped(server: Server) -> Server | None:
+    """The shard that stopped answering, if that is why the watchdog cut `server` off: a coordinator, or its standby,
+    waits on a shard through postgres_fdw, and looks stopped itself. A server that stopped cannot answer a new
+    question; one that only waits can. So if `server` answers now, the shard that does not is the one that stopped
+    (asking a stopped one takes up to the stall bound)."""
+    shards = [each for each in server.watchdog.servers.values() if each.service.startswith("shard-")]
+    known = [shard for shard in shards if shard.service in shard.watchdog.gave_up_on]
+    if known or server in shards or server.service not in server.watchdog.gave_up_on or not answers(server):
+        return known[0] if known else None
+    return next((shard for shard in shards if not answers(shard)), None)
+
+
+def answers(server: Server) -> bool:
+    try:
+        with server.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except DATABASE_ERRORS:
+        return False
+    return True
 
 
 # The SQLSTATE classes a server answers a new connection with (a login refused, no such database,
@@ -1393,9 +1421,17 @@ def wait_for_commits_in_flight(shard: Server) -> bool:
 
 def failure_of_the_write(written: Written, stage: str, error: BaseException) -> DemoError:
     """Before the COMMIT nothing was written; during it the outcome is unknown; after it, say what was."""
-    primary = written.primary
+    primary, shard = written.primary, shard_that_stopped(written.primary)
     if stage == "after":
         return failure_after_commit(written, error)
+    if shard and not isinstance(error, KeyboardInterrupt):
+        where = f"{shard.service} ({shard.address}) {cause(shard, error)}"
+        if stage == "during":
+            message = f"{where} during the COMMIT: whether the {written.users:,} users were committed is unknown"
+            return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
+        return DemoError(
+            f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
+        )
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
         return CommitRefused(primary, written.ids, error)
     if stage == "during":
@@ -1424,9 +1460,13 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     nobody runs again to retry users who are already there."""
     if isinstance(error, KeyboardInterrupt):
         return DemoError(interrupted(error, f"after the commit: {committed(written)}"), exit_code_of(error))
-    primary = written.primary
-    gave_up_on = primary.service in primary.watchdog.gave_up_on
-    what = f"{primary.service} {cause(primary, error)}" if gave_up_on else one_line(error)
+    primary, shard = written.primary, shard_that_stopped(written.primary)
+    if shard:
+        what = f"{shard.service} ({shard.address}) {cause(shard, error)}, and the reads need it"
+    elif primary.service in primary.watchdog.gave_up_on:
+        what = f"{primary.service} {cause(primary, error)}"
+    else:
+        what = one_line(error)
     return DemoError(f"failed after the commit: {what}; {committed(written)}", ExitCode.AFTER_COMMIT)
 
 

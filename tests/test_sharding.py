@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import sharding_demo
 from conftest import PROJECT_DIR, clean_environment, run_demo, wait_until
 from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base
 
@@ -326,6 +328,74 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
         "for master-db, unreachable: "
     )
     assert line.endswith("; nothing was written on any shard")
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def run_here(sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """sharding_demo.run() in this process against the sharded cluster, with a stall bound of 2 s."""
+    for name, value in sharded.demo_environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    return sharding_demo.run(sharding_demo.DemoSettings(stall_timeout=2.0))
+
+
+def test_a_shard_that_stops_during_the_reads_is_named_not_the_servers_that_wait_on_it(
+    sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Once the replicas have caught up, shard-two stops answering (SIGSTOP). The reads through the coordinator's
+    # replicas wait on it, through postgres_fdw, and so look stopped themselves; the message must name shard-two.
+    shard_two = shard_of(sharded, "shard-two")
+    before = sum(len(ids_on(shard)) for shard in sharded.shards)
+    original = sharding_demo.wait_for_replicas
+
+    def wait_then_stop_shard_two(*arguments: Any) -> Any:
+        caught_up = original(*arguments)
+        shard_two.pause()
+        return caught_up
+
+    monkeypatch.setattr(sharding_demo, "wait_for_replicas", wait_then_stop_shard_two)
+    started = time.monotonic()
+    try:
+        with pytest.raises(sharding_demo.DemoError) as failure:
+            run_here(sharded, monkeypatch, tmp_path)
+    finally:
+        shard_two.resume()
+    seconds = time.monotonic() - started
+
+    assert failure.value.exit_code == 6
+    assert str(failure.value).startswith(
+        f"failed after the commit: shard-two (127.0.0.1:{shard_two.port}) stopped answering (nothing for 2 s), "
+        "and the reads need it; 5 users were committed on master-db"
+    )
+    assert seconds < 10, seconds  # a replica's cut-off, then one question to each shard, each within the bound
+    assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
+
+
+def test_a_shard_that_stops_during_the_insert_is_named_and_nothing_is_written(
+    sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    shard_two = shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    original = sharding_demo.commit
+
+    def stop_shard_two_then_commit(*arguments: Any) -> Any:
+        shard_two.pause()
+        return original(*arguments)
+
+    monkeypatch.setattr(sharding_demo, "commit", stop_shard_two_then_commit)
+    try:
+        with pytest.raises(sharding_demo.DemoError) as failure:
+            run_here(sharded, monkeypatch, tmp_path)
+    finally:
+        shard_two.resume()
+
+    assert failure.value.exit_code == 9
+    assert str(failure.value) == (
+        f"shard-two (127.0.0.1:{shard_two.port}) stopped answering (nothing for 2 s) during the insert "
+        "(master-db was waiting on it); nothing was written"
+    )
+    # master-db finishes the insert once shard-two answers again, finds the demo gone, and rolls it all back.
+    time.sleep(1)
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
