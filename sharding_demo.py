@@ -1179,8 +1179,10 @@ def shard_that_stopped(server: Server) -> Server | None:
     question; one that only waits can. So if `server` answers now, the shard that does not is the one that stopped
     (asking a stopped one takes up to the stall bound)."""
     shards = [each for each in server.watchdog.servers.values() if each.service.startswith("shard-")]
+    if not shards or server in shards:  # the default layout, or a shard itself
+        return None
     known = [shard for shard in shards if shard.service in shard.watchdog.gave_up_on]
-    if known or server in shards or server.service not in server.watchdog.gave_up_on or not answers(server):
+    if known or server.service not in server.watchdog.gave_up_on or not answers(server):
         return known[0] if known else None
     return next((shard for shard in shards if not answers(shard)), None)
 
