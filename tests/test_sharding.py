@@ -331,12 +331,12 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
-def run_here(sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+def run_here(sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, users: int) -> Any:
     """sharding_demo.run() in this process against the sharded cluster, with a stall bound of 2 s."""
     for name, value in sharded.demo_environment().items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
-    return sharding_demo.run(sharding_demo.DemoSettings(stall_timeout=2.0))
+    return sharding_demo.run(sharding_demo.DemoSettings(users=users, stall_timeout=2.0))
 
 
 def test_a_shard_that_stops_during_the_reads_is_named_not_the_servers_that_wait_on_it(
@@ -357,7 +357,7 @@ def test_a_shard_that_stops_during_the_reads_is_named_not_the_servers_that_wait_
     started = time.monotonic()
     try:
         with pytest.raises(sharding_demo.DemoError) as failure:
-            run_here(sharded, monkeypatch, tmp_path)
+            run_here(sharded, monkeypatch, tmp_path, users=5)  # the reads of every partition need shard-two
     finally:
         shard_two.resume()
     seconds = time.monotonic() - started
@@ -385,7 +385,8 @@ def test_a_shard_that_stops_during_the_insert_is_named_and_nothing_is_written(
     monkeypatch.setattr(sharding_demo, "commit", stop_shard_two_then_commit)
     try:
         with pytest.raises(sharding_demo.DemoError) as failure:
-            run_here(sharded, monkeypatch, tmp_path)
+            # 100 users, so that some are certainly for shard-two (5 would all miss it once in 32 runs)
+            run_here(sharded, monkeypatch, tmp_path, users=100)
     finally:
         shard_two.resume()
 
