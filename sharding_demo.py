@@ -57,6 +57,7 @@ class DatabaseSettings(BaseSettings):
     """How to reach one server. pydantic-settings reads each field from the variable prefix + name
     (MASTER_DB_PORT), else from .env, else takes the default, and checks it before anything runs."""
 
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")  # each server's class adds its env_prefix
     host: str = Field(default="localhost", min_length=1)  # empty would silently mean a local socket
     port: int = Field(default=5432, ge=1, le=65535)
     user: str = Field(default="postgres", min_length=1)  # empty would silently mean your OS user
@@ -82,32 +83,35 @@ class DatabaseSettings(BaseSettings):
 
 
 class MasterDBSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MASTER_DB_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MASTER_DB_")
     service = "master-db"
 
 
 class ReplicaOneSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REPLICA_ONE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="REPLICA_ONE_")
     service = "replica-one"
     port: int = Field(default=5433, ge=1, le=65535)
 
 
 class ReplicaTwoSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REPLICA_TWO_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="REPLICA_TWO_")
     service = "replica-two"
     port: int = Field(default=5434, ge=1, le=65535)
 
 
 class ShardOneSettings(DatabaseSettings):  # used only when a partition is stored on shard-one
-    model_config = SettingsConfigDict(env_prefix="SHARD_ONE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SHARD_ONE_")
     service = "shard-one"
     port: int = Field(default=5435, ge=1, le=65535)
 
 
 class ShardTwoSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SHARD_TWO_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SHARD_TWO_")
     service = "shard-two"
     port: int = Field(default=5436, ge=1, le=65535)
+
+
+SHARD_SETTINGS = (ShardOneSettings, ShardTwoSettings)
 
 
 class DemoSettings(BaseSettings):
@@ -178,7 +182,7 @@ def run(settings: DemoSettings) -> Report:
         facts = check_primary(primary)
         shards = [
             check_shard(make_server(load_settings(each), settings.connect_timeout, watchdog), facts)
-            for each in (ShardOneSettings, ShardTwoSettings)
+            for each in SHARD_SETTINGS
             if each.service in facts.shards
         ]
 
@@ -1178,12 +1182,14 @@ def shard_that_stopped(server: Server) -> Server | None:
     waits on a shard through postgres_fdw, and looks stopped itself. A server that stopped cannot answer a new
     question; one that only waits can. So if `server` answers now, the shard that does not is the one that stopped
     (asking a stopped one takes up to the stall bound)."""
-    shards = [each for each in server.watchdog.servers.values() if each.service.startswith("shard-")]
+    shards = [each for each in server.watchdog.servers.values() if isinstance(each.settings, SHARD_SETTINGS)]
     if not shards or server in shards:  # the default layout, or a shard itself
         return None
     known = [shard for shard in shards if shard.service in shard.watchdog.gave_up_on]
-    if known or server.service not in server.watchdog.gave_up_on or not answers(server):
-        return known[0] if known else None
+    if known:  # found already, by an earlier question
+        return known[0]
+    if server.service not in server.watchdog.gave_up_on or not answers(server):
+        return None
     return next((shard for shard in shards if not answers(shard)), None)
 
 
@@ -1423,10 +1429,11 @@ def wait_for_commits_in_flight(shard: Server) -> bool:
 
 def failure_of_the_write(written: Written, stage: str, error: BaseException) -> DemoError:
     """Before the COMMIT nothing was written; during it the outcome is unknown; after it, say what was."""
-    primary, shard = written.primary, shard_that_stopped(written.primary)
+    primary = written.primary
     if stage == "after":
         return failure_after_commit(written, error)
-    if shard and not isinstance(error, KeyboardInterrupt):
+    shard = None if isinstance(error, KeyboardInterrupt) else shard_that_stopped(primary)
+    if shard:
         where = f"{shard.service} ({shard.address}) {cause(shard, error)}"
         if stage == "during":
             message = f"{where} during the COMMIT: whether the {written.users:,} users were committed is unknown"
@@ -1474,7 +1481,7 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
 
 # ======== Appendix E. The command line, and settings that are probably mistakes =================
 
-SERVER_SETTINGS = (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings, ShardOneSettings, ShardTwoSettings)
+SERVER_SETTINGS = (MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings, *SHARD_SETTINGS)
 
 
 class FlagParser(argparse.ArgumentParser):
