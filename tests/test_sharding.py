@@ -7,6 +7,7 @@ place is read on the shard itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -173,27 +174,49 @@ def test_no_password_appears_in_any_log(sharded: LocalCluster) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def partitions_on(node: PostgresNode) -> list[str]:
+    with tcp(node) as connection:
+        rows = connection.execute("SELECT relname FROM pg_class WHERE relname LIKE 'tbl_users_p_' AND relkind = 'r'")
+        return sorted(name for (name,) in rows)
+
+
+@contextlib.contextmanager
+def at_commit(node: PostgresNode, function: str, body: str) -> Iterator[None]:
+    """A deferred constraint trigger on each of the shard's partitions: `body` (PL/pgSQL) runs for each new row only
+    at COMMIT, once the coordinator has sent COMMIT to every shard (parallel_commit). Dropped afterwards."""
+    partitions = partitions_on(node)
+    node.execute(f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} END $$")
+    for name in partitions:
+        node.execute(
+            f"CREATE CONSTRAINT TRIGGER {function} AFTER INSERT ON {name} "
+            f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {function}()"
+        )
+    try:
+        yield
+    finally:
+        for name in partitions:
+            node.execute(f"DROP TRIGGER {function} ON {name}")
+        node.execute(f"DROP FUNCTION {function}()")
+
+
+def refusing(node: PostgresNode, message: str) -> contextlib.AbstractContextManager[None]:
+    return at_commit(node, "refuse", f"RAISE EXCEPTION '{message}';")
+
+
+# Sleeps a second, once per transaction: the shard's COMMIT takes that much longer.
+SLEEP_ONCE = (
+    "IF current_setting('demo.slept', true) IS NULL THEN "
+    "PERFORM set_config('demo.slept', 'yes', true); PERFORM pg_sleep(1); END IF; RETURN NULL;"
+)
+
+
 @pytest.mark.parametrize("users", [100, 1000])  # the ORM path, and the bulk path (COPY)
 def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluster, users: int) -> None:
     shard_two = shard_of(sharded, "shard-two")
     before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
-    # A deferred constraint trigger: shard-two refuses its rows only at COMMIT, after the coordinator
-    # has sent COMMIT to shard-one too (parallel_commit).
-    shard_two.execute(
-        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN RAISE EXCEPTION 'shard-two refuses at commit'; END $$"
-    )
-    for name in ("tbl_users_p1", "tbl_users_p3"):
-        shard_two.execute(
-            f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON {name} "
-            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
-        )
-    try:
+    # shard-two refuses its rows only at COMMIT, after the coordinator has sent COMMIT to shard-one too.
+    with refusing(shard_two, "shard-two refuses at commit"):
         result = run_demo(sharded, "--users", str(users))
-    finally:
-        for name in ("tbl_users_p1", "tbl_users_p3"):
-            shard_two.execute(f"DROP TRIGGER refuse ON {name}")
-        shard_two.execute("DROP FUNCTION refuse()")
     kept = {shard.name: len(ids_on(shard)) - before[shard.name] for shard in sharded.shards}
 
     assert result.returncode == 10, result.stderr
@@ -208,93 +231,51 @@ def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluste
     )
 
 
-def partitions_on(node: PostgresNode) -> list[str]:
-    with tcp(node) as connection:
-        rows = connection.execute("SELECT relname FROM pg_class WHERE relname LIKE 'tbl_users_p_' AND relkind = 'r'")
-        return sorted(name for (name,) in rows)
-
-
-@pytest.mark.parametrize("slow, refusing", [("shard-one", "shard-two"), ("shard-two", "shard-one")])
+@pytest.mark.parametrize("slow, refuser", [("shard-one", "shard-two"), ("shard-two", "shard-one")])
 def test_a_half_commit_is_counted_once_the_other_shard_has_finished_committing(
-    sharded: LocalCluster, slow: str, refusing: str
+    sharded: LocalCluster, slow: str, refuser: str
 ) -> None:
     # One shard refuses at COMMIT at once; the other takes a second to commit (a deferred trigger that sleeps once).
     # Once a shard's COMMIT has failed, postgres_fdw does not wait for the others' answers, so when the refusing
     # shard's answer is read first, the coordinator's error comes back while the slow shard is still committing:
     # counted at once, it would seem to have kept nothing. Which shard's answer is read first depends on
     # postgres_fdw's connection cache, so the test runs both ways round.
-    slow_node, refusing_node = shard_of(sharded, slow), shard_of(sharded, refusing)
+    slow_node, refusing_node = shard_of(sharded, slow), shard_of(sharded, refuser)
     before = len(ids_on(slow_node))
-    slow_node.execute(
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-        "IF current_setting('demo.slept', true) IS NULL THEN "
-        "PERFORM set_config('demo.slept', 'yes', true); PERFORM pg_sleep(1); END IF; RETURN NULL; END $$"
-    )
-    refusing_node.execute(
-        f"CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-        f"$$ BEGIN RAISE EXCEPTION '{refusing} refuses at commit'; END $$"
-    )
-    triggers = [(slow_node, "slow"), (refusing_node, "refuse")]
-    for node, function in triggers:
-        for name in partitions_on(node):
-            node.execute(
-                f"CREATE CONSTRAINT TRIGGER {function} AFTER INSERT ON {name} "
-                f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {function}()"
-            )
-    try:
+    with at_commit(slow_node, "slow", SLEEP_ONCE), refusing(refusing_node, f"{refuser} refuses at commit"):
         result = run_demo(sharded, "--users", "100")
-    finally:
-        for node, function in triggers:
-            for name in partitions_on(node):
-                node.execute(f"DROP TRIGGER {function} ON {name}")
-            node.execute(f"DROP FUNCTION {function}()")
     kept = len(ids_on(slow_node)) - before
 
     assert result.returncode == 10, result.stderr
     assert kept > 0
     told = {
         slow: f"{slow} kept {kept:,} of this run's 100 users",
-        refusing: f"{refusing} kept 0 of this run's 100 users",
+        refuser: f"{refuser} kept 0 of this run's 100 users",
     }
     assert f"{told['shard-one']}, {told['shard-two']};" in result.stderr
 
 
-@pytest.mark.parametrize("refusing", [("shard-two",), ("shard-one", "shard-two")])
+@pytest.mark.parametrize("refusers", [("shard-two",), ("shard-one", "shard-two")])
 def test_a_half_commit_that_cannot_be_counted_for_sure_says_so(
-    sharded: LocalCluster, refusing: tuple[str, ...]
+    sharded: LocalCluster, refusers: tuple[str, ...]
 ) -> None:
     # Another transaction stays open on shard-one (it holds an xid) for longer than the stall bound, so the demo
     # cannot know that shard-one has no commit of this run still in flight: it says what it counted "so far", and
     # if that is nothing anywhere, that the outcome is unknown (exit 8), not that nothing was written.
     before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
-    for name in refusing:
-        node = shard_of(sharded, name)
-        node.execute(
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$"
-        )
-        for table in partitions_on(node):
-            node.execute(
-                f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON {table} "
-                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
-            )
-    try:
+    with contextlib.ExitStack() as stack:
+        for name in refusers:
+            stack.enter_context(refusing(shard_of(sharded, name), "refused at commit"))
         with tcp(shard_of(sharded, "shard-one")) as other:
             other.execute("BEGIN")
             other.execute("SELECT pg_current_xact_id()")  # now it holds an xid, until it ends
             result = run_demo(sharded, "--users", "100", env={"DEMO_STALL_TIMEOUT": "1"})
             other.execute("ROLLBACK")
-    finally:
-        for name in refusing:
-            node = shard_of(sharded, name)
-            for table in partitions_on(node):
-                node.execute(f"DROP TRIGGER refuse ON {table}")
-            node.execute("DROP FUNCTION refuse()")
     kept = {shard.name: len(ids_on(shard)) - before[shard.name] for shard in sharded.shards}
 
     [line] = result.stderr.splitlines()
     assert "shard-one kept" in line and "of this run's 100 users so far (a transaction was still open there)" in line
-    if len(refusing) == 1:
+    if len(refusers) == 1:
         assert result.returncode == 10, result.stderr
         assert kept["shard-one"] > 0 and kept["shard-two"] == 0
         assert f"shard-one kept {kept['shard-one']:,} of this run's 100 users so far" in line
