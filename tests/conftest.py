@@ -7,6 +7,7 @@ on 127.0.0.1. Which PostgreSQL it runs is local_cluster's choice: set PG_BINDIR 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base  # noqa: E402
 
 DEMO = PROJECT_DIR / "sharding_demo.py"
+COMPOSE_FILE = PROJECT_DIR / "docker-compose.yml"
 DEMO_VARIABLE_PREFIXES = ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_", "SHARD_ONE_", "SHARD_TWO_", "DEMO_")
 
 
@@ -160,6 +162,22 @@ def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[st
         for statement in statements:
             database.execute(statement)
     return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
+
+
+def docker_compose(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """docker-compose (v1) with the project's compose file, offline: skipped without it, except in CI."""
+    executable = shutil.which("docker-compose")
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed: .ci/run must install it (apt-get install docker-compose)")
+        pytest.skip("docker-compose (v1, Debian package docker-compose) is not installed")
+    return subprocess.run(
+        [executable, "-f", str(COMPOSE_FILE), *arguments],
+        env=clean_environment() | (env or {}),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -9,35 +9,17 @@ offline; the rendered file is what these tests read.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from conftest import PROJECT_DIR, clean_environment, connect, wait_until
+from conftest import COMPOSE_FILE, PROJECT_DIR, clean_environment, connect, docker_compose, wait_until
 from local_cluster import INIT_FILES, REPLICA_BOOTSTRAP, REPLICAS, LocalCluster, PostgresNode
 from sharding_demo import MasterDBSettings, ReplicaOneSettings, ReplicaTwoSettings
 
-COMPOSE_FILE = PROJECT_DIR / "docker-compose.yml"
 INITDB_DIR = "/docker-entrypoint-initdb.d/"
-
-
-def docker_compose(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    executable = shutil.which("docker-compose")
-    if executable is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is not installed: .ci/run must install it (apt-get install docker-compose)")
-        pytest.skip("docker-compose (v1, Debian package docker-compose) is not installed")
-    return subprocess.run(
-        [executable, "-f", str(COMPOSE_FILE), *arguments],
-        env=clean_environment() | (env or {}),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def rendered(env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import psycopg
 import pytest
 
 import sharding_demo
-from conftest import PROJECT_DIR, clean_environment, run_demo, wait_until
+from conftest import PROJECT_DIR, docker_compose, run_demo, wait_until
 from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base
 
 COORDINATOR_PASSWORD = "coordinator-secret-7b1f"  # so that the tests can look for it in every log
@@ -431,24 +430,12 @@ def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> 
 
 
 def test_the_compose_profile_adds_two_shards_as_the_launcher_starts_them() -> None:
-    import shutil
-
     import yaml
 
     from local_cluster import SHARD_INIT_FILES, SHARDS
 
-    executable = shutil.which("docker-compose")
-    if executable is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is not installed: .ci/run must install it")
-        pytest.skip("docker-compose (v1) is not installed")
-    rendered = subprocess.run(
-        [executable, "-f", str(PROJECT_DIR / "docker-compose.yml"), "--profile", "sharded", "config"],
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    rendered = docker_compose("--profile", "sharded", "config")
+    assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     for offset, (name, (server, partitions)) in enumerate(SHARDS.items()):
         service = services[name]
