@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import os
 import random
 import re
@@ -36,14 +37,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, Self, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Generic, Literal, Self, TypeVar, get_args
 
 import psycopg
 import sqlalchemy.exc
 import uuid6
 from dotenv import dotenv_values
 from psycopg.pq import TransactionStatus
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import URL, Engine, String, Uuid, column, create_engine, event, func, select, table, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -57,7 +58,7 @@ class DatabaseSettings(BaseSettings):
     """How to reach one server. pydantic-settings reads each field from the variable prefix + name
     (MASTER_DB_PORT), else from .env, else takes the default, and checks it before anything runs."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")  # each server's class adds its env_prefix
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")  # each server's class names its env_prefix
     host: str = Field(default="localhost", min_length=1)  # empty would silently mean a local socket
     port: int = Field(default=5432, ge=1, le=65535)
     user: str = Field(default="postgres", min_length=1)  # empty would silently mean your OS user
@@ -82,31 +83,26 @@ class DatabaseSettings(BaseSettings):
         return value if info.field_name == "password" else value.strip()
 
 
-class MasterDBSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MASTER_DB_")
+class MasterDBSettings(DatabaseSettings, env_prefix="MASTER_DB_"):
     service = "master-db"
 
 
-class ReplicaOneSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REPLICA_ONE_")
+class ReplicaOneSettings(DatabaseSettings, env_prefix="REPLICA_ONE_"):
     service = "replica-one"
     port: int = Field(default=5433, ge=1, le=65535)
 
 
-class ReplicaTwoSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REPLICA_TWO_")
+class ReplicaTwoSettings(DatabaseSettings, env_prefix="REPLICA_TWO_"):
     service = "replica-two"
     port: int = Field(default=5434, ge=1, le=65535)
 
 
-class ShardOneSettings(DatabaseSettings):  # used only when a partition is stored on shard-one
-    model_config = SettingsConfigDict(env_prefix="SHARD_ONE_")
+class ShardOneSettings(DatabaseSettings, env_prefix="SHARD_ONE_"):  # read only if a partition is stored on shard-one
     service = "shard-one"
     port: int = Field(default=5435, ge=1, le=65535)
 
 
-class ShardTwoSettings(DatabaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SHARD_TWO_")
+class ShardTwoSettings(DatabaseSettings, env_prefix="SHARD_TWO_"):
     service = "shard-two"
     port: int = Field(default=5436, ge=1, le=65535)
 
@@ -114,23 +110,19 @@ class ShardTwoSettings(DatabaseSettings):
 SHARD_SETTINGS = (ShardOneSettings, ShardTwoSettings)
 
 
-class DemoSettings(BaseSettings):
+class DemoSettings(BaseSettings, env_prefix="DEMO_", env_file=".env", extra="ignore"):
     """How the demo behaves. Each field is a variable (DEMO_CATCHUP_TIMEOUT) and a flag
     (--catchup-timeout, which wins): appendix E makes the flags from these fields."""
 
-    model_config = SettingsConfigDict(env_prefix="DEMO_", env_file=".env", extra="ignore")
     users: int = Field(default=5, ge=1, le=10_000_000, description="how many users to insert")
     show: int = Field(default=10, ge=0, le=10_000, description="how many new users, and rows per partition, to print")
     json_output: bool = Field(default=False, description="print JSON", json_schema_extra={"flag": "--json"})
-    read_policy: Literal["random", "round-robin"] = Field(default="random", description="how to pick a replica")
+    read_policy: Annotated[Literal["random", "round-robin"], BeforeValidator(str.strip)] = Field(
+        default="random", description="how to pick a replica"
+    )
     catchup_timeout: float = Field(default=5.0, ge=0, le=3600, description="seconds to wait for the replicas")
     connect_timeout: int = Field(default=3, ge=1, le=600, description="seconds to wait for a connection")
     stall_timeout: float = Field(default=10.0, gt=0, le=3600, description="seconds a server may not answer")
-
-    @field_validator("read_policy", mode="before")
-    @classmethod
-    def strip(cls, value: Any) -> Any:
-        return value.strip() if isinstance(value, str) else value
 
 
 def load_settings(settings_class: type[T], **flags: Any) -> T:
@@ -183,7 +175,7 @@ def run(settings: DemoSettings) -> Report:
         shards = [
             check_shard(make_server(load_settings(each), settings.connect_timeout, watchdog), facts)
             for each in SHARD_SETTINGS
-            if each.service in facts.shards
+            if any(partition.shard == each.service for partition in facts.partitions)
         ]
 
         # 3. routing: writes to the primary, reads to the replicas that really are its standbys
@@ -345,10 +337,6 @@ class PrimaryFacts:
     version: str
     identity: tuple[bool, int, datetime]  # its answer to IDENTITY
     partitions: list[Partition]
-
-    @property
-    def shards(self) -> list[str]:
-        return sorted({partition.shard for partition in self.partitions if partition.shard})
 
 
 # Who a server is: a standby (in recovery) or not; of which cluster (initdb made the system
@@ -1091,23 +1079,13 @@ class ExitCode(IntEnum):
     meaning: str
     OK = 0, "success, also when a replica was left out (the report says which, and why)"
     CONFIG = 2, "an invalid setting or flag (the message names it)"
-    PRIMARY_LOST = (
-        3,
-        "the primary cannot be reached, was lost, or stopped answering before the commit: nothing was written",
-    )
+    PRIMARY_LOST = 3, "the primary cannot be reached, was lost or stopped answering before the commit: nothing written"
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are in the table (the message says how many, and the LSN)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
-    COMMIT_UNKNOWN = (
-        8,
-        "the primary was lost during the COMMIT, or a shard could not be counted after another refused it: whether "
-        "the users were written is unknown",
-    )
-    SHARD_DOWN = (
-        9,
-        "a shard cannot be reached, lacks its tables, or stopped answering before the commit: nothing written",
-    )
+    COMMIT_UNKNOWN = 8, "unknown outcome: the primary was lost in the COMMIT, or a shard uncounted after one refused"
+    SHARD_DOWN = 9, "a shard is unreachable, lacks its tables or stopped answering before the commit: nothing written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
@@ -1141,13 +1119,11 @@ def interrupt(signal_number: int, frame: object) -> None:
     raise Interrupted(signal_number)
 
 
-def exit_code_of(interruption: KeyboardInterrupt) -> int:  # 128 + the signal's number, as shells say
-    return 128 + (interruption.signal_number if isinstance(interruption, Interrupted) else signal.SIGINT)
-
-
-def interrupted(interruption: KeyboardInterrupt, when: str) -> str:
-    name = interruption.args[0] if isinstance(interruption, Interrupted) else "Ctrl-C"
-    return f"interrupted ({name}) {when}"
+def interrupted(interruption: KeyboardInterrupt, when: str) -> DemoError:
+    """'interrupted (SIGTERM) {when}', with the exit code shells give a signal: 128 + its number."""
+    if isinstance(interruption, Interrupted):
+        return DemoError(f"interrupted ({interruption.args[0]}) {when}", 128 + interruption.signal_number)
+    return DemoError(f"interrupted (Ctrl-C) {when}", ExitCode.SIGINT)
 
 
 def stopped(error: BaseException, report: Report | None) -> int:
@@ -1157,8 +1133,9 @@ def stopped(error: BaseException, report: Report | None) -> int:
         when = "before the insert: nothing was written"
         if report is not None:
             when = f"while printing the report; {committed(report.written)}"
-        print(f"sharding_demo.py: error: {interrupted(error, when)}", file=sys.stderr)
-        return exit_code_of(error)
+        failure = interrupted(error, when)
+        print(f"sharding_demo.py: error: {failure}", file=sys.stderr)
+        return failure.exit_code
     # Point stdout at /dev/null, so that Python's own flush at exit does not fail a second time.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return ExitCode.STDOUT_CLOSED
@@ -1445,7 +1422,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException) -> 
         return CommitRefused(primary, written.ids, error)
     if stage == "during":
         what = (
-            interrupted(error, "during the COMMIT")
+            str(interrupted(error, "during the COMMIT"))
             if isinstance(error, KeyboardInterrupt)
             else f"lost {primary.service} during the COMMIT ({cause(primary, error)})"
         )
@@ -1454,7 +1431,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException) -> 
             f"{message}; count the rows of tbl_users on the primary before running again", ExitCode.COMMIT_UNKNOWN
         )
     if isinstance(error, KeyboardInterrupt):
-        return DemoError(interrupted(error, "before the commit: nothing was written"), exit_code_of(error))
+        return interrupted(error, "before the commit: nothing was written")
     if sqlstate(error) == "57014":
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
         return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
@@ -1468,7 +1445,7 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     """Anything that goes wrong once the users are committed: they stay in the table. Say so, so that
     nobody runs again to retry users who are already there."""
     if isinstance(error, KeyboardInterrupt):
-        return DemoError(interrupted(error, f"after the commit: {committed(written)}"), exit_code_of(error))
+        return interrupted(error, f"after the commit: {committed(written)}")
     primary, shard = written.primary, shard_that_stopped(written.primary)
     if shard:
         what = f"{shard.service} ({shard.address}) {cause(shard, error)}, and the reads need it"
@@ -1552,24 +1529,19 @@ def settings_warnings() -> list[str]:
     """Things in .env or the environment that are probably mistakes, one line each."""
     warnings, values, path = [], {}, Path(".env")
     if path.is_file():
-        unparsed: list[int] = []
-
-        class Collect(logging.Handler):  # python-dotenv logs each line it cannot parse
-            def emit(self, record: logging.LogRecord) -> None:
-                unparsed.extend(int(arg) for arg in record.args or ())  # type: ignore[union-attr, arg-type]
-
-        logger, handler = logging.getLogger("dotenv.main"), Collect()
-        logger.disabled = False
-        logger.addHandler(handler)
+        logger, log = logging.getLogger("dotenv.main"), logging.handlers.BufferingHandler(capacity=10_000)
+        logger.disabled = False  # python-dotenv logs each line it cannot parse: keep those records
+        logger.addHandler(log)
         try:
             values = dotenv_values(path, encoding="utf-8")
         except UnicodeDecodeError:
             pass  # loading the settings says so, in one line
         finally:
-            logger.removeHandler(handler)
+            logger.removeHandler(log)
             logger.disabled = True
+        unparsed = [str(record.args[0]) for record in log.buffer if record.args]  # type: ignore[index]
         if unparsed:
-            lines = f"lines {', '.join(map(str, unparsed))} were" if len(unparsed) > 1 else f"line {unparsed[0]} was"
+            lines = f"lines {', '.join(unparsed)} were" if len(unparsed) > 1 else f"line {unparsed[0]} was"
             warnings.append(f".env {lines} not NAME=value, and ignored")
         warnings += dollar_warnings(path)
     known = {variable_of(DemoSettings, name) for name in DemoSettings.model_fields}
