@@ -678,9 +678,8 @@ def render_text(report: Report) -> str:
     if report.on_shards:
         lines += ["", "Read on each shard itself (not through master-db): this run's users it stores, by partition:"]
         for shard, held in report.on_shards.items():
-            lines.append(
-                f"  {shard}: {', '.join(f'{name} {count:,}' for name, count in sorted(held.items())) or 'none'}"
-            )
+            counts = [f"{name} {count:,}" for name, count in sorted(held.items())]
+            lines.append(f"  {shard}: {', '.join(counts) or 'none'}")
         lines.append(f"  as predicted, and on no other shard: {report.shards_as_predicted()}")
 
     by_id, by_name = report.pruning.value
@@ -1295,7 +1294,7 @@ def replica_failure(replica: Server, error: BaseException) -> str:
 def what_it_is_instead(replica: Server, identity: tuple[Any, ...], primary: tuple[Any, ...]) -> str:
     """Why a server is not a standby of the primary: a promoted copy, the primary, or another cluster's."""
     in_recovery, system_identifier, started_at = identity
-    fix = f"check {variable_of(replica.settings, 'host')} and PORT"
+    fix = f"check {variable_of(replica.settings, 'host')} and {variable_of(replica.settings, 'port')}"
     if system_identifier != primary[1]:
         what = "a standby of another cluster" if in_recovery else "the primary of another cluster"
         return f"is {what} (system identifier {system_identifier}, the primary's is {primary[1]}): {fix}"

@@ -164,7 +164,7 @@ def test_a_replica_setting_that_points_at_the_primary_is_left_out(cluster: Local
             "replica": "replica-one",
             "address": f"127.0.0.1:{cluster.primary.port}",
             "reason": "is the primary itself, not a standby (pg_is_in_recovery() is false): "
-            "check REPLICA_ONE_HOST and PORT",
+            "check REPLICA_ONE_HOST and REPLICA_ONE_PORT",
             "when": "waited for",
         }
     ]
@@ -182,7 +182,7 @@ def test_a_standby_of_another_cluster_is_left_out(cluster: LocalCluster) -> None
     [skip] = report["skipped"]
     assert skip["replica"] == "replica-one"
     assert skip["reason"].startswith("is a standby of another cluster (system identifier ")
-    assert skip["reason"].endswith("check REPLICA_ONE_HOST and PORT")
+    assert skip["reason"].endswith("check REPLICA_ONE_HOST and REPLICA_ONE_PORT")
     partitions = report["partitions"]
     assert [p["predicted"] for p in partitions] == [p["actual"] for p in partitions]
     assert {p["read_from"] for p in partitions} == {"replica-two"}
