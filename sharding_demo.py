@@ -379,14 +379,22 @@ def check_primary(primary: Server) -> PrimaryFacts:
     return facts
 
 
+# The partitions (:names) that a server does not store as tables of its own, each a partition with the bound
+# (:bounds) that master-db gives it. master-db and its replicas have foreign tables of those names: not shards.
+NOT_STORED_HERE = text("""
+    SELECT expected.name FROM unnest(CAST(:names AS text[]), CAST(:bounds AS text[])) AS expected (name, bound)
+    LEFT JOIN pg_class AS c ON c.oid = to_regclass(expected.name)
+    WHERE c.relkind IS DISTINCT FROM 'r' OR pg_get_expr(c.relpartbound, c.oid) IS DISTINCT FROM expected.bound""")
+
+
 def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
-    """Before the write: a shard that is down, or lacks its tables, stops the run, and nothing is
-    written on any shard (the coordinator's transaction would fail as a whole)."""
-    names = [partition.name for partition in facts.partitions if partition.shard == shard.service]
-    query = text("SELECT name FROM unnest(CAST(:names AS text[])) AS name WHERE to_regclass(name) IS NULL")
+    """Before the write: a shard that is down, or does not store its partitions itself (a setting that
+    points at another server, say), stops the run, and nothing is written on any shard."""
+    stored_here = [partition for partition in facts.partitions if partition.shard == shard.service]
+    names, bounds = [p.name for p in stored_here], [p.bound for p in stored_here]
     try:
         with shard.engine.connect() as connection:
-            missing = list(connection.scalars(query, {"names": names}))
+            missing = list(connection.scalars(NOT_STORED_HERE, {"names": names, "bounds": bounds}))
     except DATABASE_ERRORS as error:
         raise shard_failed(shard, names, error) from None
     if missing:
@@ -1084,7 +1092,7 @@ class ExitCode(IntEnum):
     AFTER_COMMIT = 6, "a failure after the commit: the users are in the table (the message says how many, and the LSN)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
     COMMIT_UNKNOWN = 8, "unknown outcome: the primary was lost in the COMMIT, or a shard uncounted after one refused"
-    SHARD_DOWN = 9, "a shard is unreachable, lacks its tables or stopped answering before the commit: nothing written"
+    SHARD_DOWN = 9, "a shard was unreachable, lacked its own tables, or stopped before the commit: nothing was written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
@@ -1273,13 +1281,13 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
 
 
 def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
+    where = f"{shard.service} ({shard.address})"
     if error is None:
-        host, port = variable_of(shard.settings, "host"), variable_of(shard.settings, "port")
-        what = f"has no table {', '.join(names)}: check {host} and {port}"
+        check = f"check {variable_of(shard.settings, 'host')} and {variable_of(shard.settings, 'port')}"
+        what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db: {check}"
     else:
-        what = replica_failure(shard, error)
-    message = f"{shard.service} ({shard.address}), which stores {', '.join(names)} for master-db, {what}"
-    return DemoError(f"{message}; nothing was written on any shard", ExitCode.SHARD_DOWN)
+        what = f"{where}, which stores {', '.join(names)} for master-db, {replica_failure(shard, error)}"
+    return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 
 
 def replica_failure(replica: Server, error: BaseException) -> str:

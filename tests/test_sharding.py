@@ -311,6 +311,24 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
+@pytest.mark.parametrize("points_at", ["master-db", "replica-one", "shard-two"])
+def test_a_shard_setting_that_points_at_another_server_is_refused_before_the_write(
+    sharded: LocalCluster, points_at: str
+) -> None:
+    # master-db and its replicas have tables named tbl_users_p0 and tbl_users_p2, but foreign ones, and shard-two
+    # has none: none of them stores shard-one's rows, so reading "on shard-one" there would prove nothing.
+    other = next(node for node in sharded.nodes if node.name == points_at)
+    before = {node.name: len(ids_on(node)) for node in sharded.shards}
+    result = run_demo(sharded, env={"SHARD_ONE_PORT": str(other.port)})
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{other.port}) does not hold tbl_users_p0, tbl_users_p2 as "
+        "tables of its own, bound as on master-db: check SHARD_ONE_HOST and SHARD_ONE_PORT; nothing was written on "
+        "any shard"
+    ]
+    assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
+
+
 def run_here(sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, users: int) -> Any:
     """sharding_demo.run() in this process against the sharded cluster, with a stall bound of 2 s."""
     for name, value in sharded.demo_environment().items():
