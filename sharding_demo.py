@@ -279,9 +279,10 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
 
 
 class Watchdog:
-    """Gives up on a server that stops answering, so that no wait lasts for ever. A hung host, a cut
-    network or a server paused with SIGSTOP keeps its connections open, and its kernel acknowledges
-    every packet (TCP keepalives pass), so libpq would wait for ever. So a thread looks at each
+    """Gives up on a server that stops answering, so that no wait lasts for ever. A server paused with
+    SIGSTOP keeps its connections open and its kernel acknowledges every packet, so TCP keepalives pass
+    and libpq would wait for ever; TCP notices a hung host or a cut network only after about 15 minutes
+    (retransmissions) or over two hours (keepalives), with Linux's defaults. So a thread looks at each
     connection ten times a second and shuts down (shutdown(2)) one that has had a statement in
     flight, with no progress, for stall_timeout seconds: that needs nothing from the other side, and
     the waiting call returns at once with an error. A COPY notes its progress, so it is not cut short."""
