@@ -267,8 +267,8 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
     url = URL.create("postgresql+psycopg", settings.user, password, settings.host, settings.port, settings.name)
     engine = create_engine(
         url,
-        # Without this, SQLAlchemy looks up the hstore type on each new connection: noise in the
-        # statement logs you are invited to read. application_name shows in those logs.
+        # Without this, SQLAlchemy looks up the hstore type when an engine first connects: noise in
+        # the statement logs you are invited to read. application_name shows in those logs.
         use_native_hstore=False,
         connect_args={"application_name": "sharding_demo", "connect_timeout": connect_timeout},
     )
