@@ -29,7 +29,10 @@ Where it differs from the containers, and why (each difference once):
   Unix socket in this cluster's temporary folder. Those three settings (port, listen_addresses,
   unix_socket_directories) are given on the server's command line, beside cluster_name (which
   compose sets there too), over postgresql.conf's ``listen_addresses = '*'`` and ``port = 5432``,
-  which suit a container with its own address. The replicas find the primary, and master-db the
+  which suit a container with its own address. (So a reload, ``SELECT pg_reload_conf()``, logs that
+  ``port`` and ``listen_addresses`` "cannot be changed without restarting the server" and that
+  postgresql.conf "contains errors; unaffected changes were applied": the command line's values stay,
+  and the rest of the reload takes effect.) The replicas find the primary, and master-db the
   shards, at 127.0.0.1 and a port, not at ``master-db:5432`` and ``shard-one:5432``.
 * The files are copied into that folder, with their modes (compose bind-mounts them as they are).
 * The user: run as root (as CI runs), the servers run as the ``postgres`` user if there is one,

@@ -488,6 +488,14 @@ class Written:
         return len(self.ids)
 
 
+# The wait for the replicas needs to know where the commit is in the WAL once COMMIT returns. With
+# synchronous_commit = off it does not: COMMIT returns before its record is written (the WAL writer writes it a
+# moment later). So the write's transaction asks for 'local' then: written and flushed here, no standby waited for.
+COMMIT_WRITTEN = text(
+    "SELECT set_config('synchronous_commit', 'local', true) WHERE current_setting('synchronous_commit') = 'off'"
+)
+
+
 def commit(
     primary: Server, ids: Sequence[bytes], predicted: Counter[int], method: str, write: Callable[[Session], None]
 ) -> Written:
@@ -499,12 +507,14 @@ def commit(
     with Session(primary.engine) as session:
         try:
             session.begin()
+            session.execute(COMMIT_WRITTEN)
             write(session)
             session.flush()  # send the INSERTs now, inside the transaction
             stage = "during"
             session.commit()
             stage = "after"
-            # The commit record is now in the WAL: pg_current_wal_lsn() is at it, or past it.
+            # The commit record is written now: pg_current_wal_lsn(), the end of the WAL written so far, is at its end
+            # or past it.
             commit_lsn = str(session.scalar(text("SELECT pg_current_wal_lsn()")))
         except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             # Close the connection without a ROLLBACK (it may be dead): the server rolls back an

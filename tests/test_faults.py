@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import DEMO, clean_environment, connect, pause_replay, run_demo, wait_until
-from local_cluster import LocalCluster, PostgresNode
+from local_cluster import LocalCluster, PostgresNode, free_port_base
 
 # Every test here breaks the shared cluster on purpose; put it back after each one.
 pytestmark = pytest.mark.usefixtures("healthy_cluster")
@@ -35,8 +35,10 @@ def partition_of_each_row(node: PostgresNode) -> dict[str, str]:
     return {str(user_id): str(partition) for user_id, partition in rows}
 
 
-def run_json(cluster: LocalCluster, *arguments: str) -> tuple[dict[str, Any], list[str]]:
-    result = run_demo(cluster, "--json", *arguments)
+def run_json(
+    cluster: LocalCluster, *arguments: str, env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    result = run_demo(cluster, "--json", *arguments, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout), result.stderr.splitlines()
 
@@ -102,6 +104,20 @@ def test_a_lagging_replica_is_named_and_left_out(cluster: LocalCluster) -> None:
     # The anomaly the wait prevented: the paused replica really does not have the new rows.
     new_ids = {user["id"] for user in report["inserted"]}
     assert not new_ids & ids_on(lagging)
+
+
+def test_read_your_writes_holds_with_asynchronous_commit() -> None:
+    # With synchronous_commit = off, COMMIT returns before its WAL record is written: the WAL writer writes it
+    # up to wal_writer_delay later (here 10 s, its maximum). The WAL written so far then ends before the commit, so
+    # a wait for that position is over at once, and the reads would not find the users. (A cluster of its own: the
+    # setting needs a reload, which the shared cluster's log should not show.)
+    with LocalCluster(port_base=free_port_base()) as cluster:
+        with connect(cluster.primary) as primary:
+            primary.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+            primary.execute("SELECT pg_reload_conf()")
+        report, _ = run_json(cluster, env={"PGOPTIONS": "-c synchronous_commit=off"})
+        assert {entry["replica"] for entry in report["catchup"]} == {replica.name for replica in cluster.replicas}
+        assert_report_matches_primary(cluster, report)
 
 
 def test_primary_stopped_is_one_clear_error(cluster: LocalCluster) -> None:
