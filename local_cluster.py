@@ -722,6 +722,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
             parser.error("nothing to run after --")
     arguments = parser.parse_args(argv)
     arguments.command = command
+    last_port = arguments.port_base + (4 if arguments.sharded else 2)
+    if arguments.port_base < 1 or last_port > 65535:
+        first = arguments.port_base
+        parser.error(f"--port-base {first}: the servers would need ports {first} to {last_port}; a port is 1 to 65535")
     return arguments
 
 

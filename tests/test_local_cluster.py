@@ -139,3 +139,20 @@ def test_one_command_starts_runs_the_demo_and_cleans_up() -> None:
 def test_one_command_passes_on_the_command_s_exit_code() -> None:
     result = run_launcher("--port-base", str(free_port_base()), "--", sys.executable, "-c", "import sys; sys.exit(7)")
     assert result.returncode == 7, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "ports"),
+    [
+        (["--port-base", "65534"], "65534 to 65536"),
+        (["--sharded", "--port-base", "65532"], "65532 to 65536"),
+        (["--port-base", "0"], "0 to 2"),
+    ],
+)
+def test_a_port_base_whose_ports_do_not_exist_is_refused(arguments: list[str], ports: str) -> None:
+    result = run_launcher(*arguments, "--", "true", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"local_cluster.py: error: --port-base {arguments[-1]}: the servers would need ports {ports}; "
+        "a port is 1 to 65535"
+    )
