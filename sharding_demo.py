@@ -291,6 +291,7 @@ class Watchdog:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
         self.watched: dict[Any, tuple[Server, float | None]] = {}  # psycopg connection: (server, busy since)
         self.gave_up_on: dict[str, str] = {}  # the services it cut off, and why
+        self.cut_off_backends: dict[str, int] = {}  # the server process of each one's connection it cut off
         self.servers: dict[str, Server] = {}  # every server it has watched, by service
         self.last_progress, self.lock = time.monotonic(), threading.Lock()
         threading.Thread(target=self.look, daemon=True).start()
@@ -316,8 +317,7 @@ class Watchdog:
                         self.watched[connection] = (server, now)
                     elif now > self.deadline or now - max(since, self.last_progress) > self.stall_timeout:
                         del self.watched[connection]
-                        self.gave_up_on[server.service] = gave_up(self, now)  # appendix D
-                        cut_off(connection)
+                        give_up(self, server, connection, now)  # say why, and cut it off: appendix D
 
 
 @dataclass(frozen=True)
@@ -1100,7 +1100,7 @@ class ExitCode(IntEnum):
     PRIMARY_LOST = 3, "the primary cannot be reached, was lost or stopped answering before the commit: nothing written"
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
-    AFTER_COMMIT = 6, "a failure after the commit: the users are in the table (the message says how many, and the LSN)"
+    AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
     COMMIT_UNKNOWN = 8, "unknown outcome: the primary was lost in the COMMIT, or a shard uncounted after one refused"
     SHARD_DOWN = 9, "a shard was unreachable, lacked its own tables, or stopped before the commit: nothing was written"
@@ -1159,15 +1159,13 @@ def stopped(error: BaseException, report: Report | None) -> int:
     return ExitCode.STDOUT_CLOSED
 
 
-def gave_up(watchdog: Watchdog, now: float) -> str:
-    """Why the watchdog gave up on a server: silent for too long, or past the catch-up wait's deadline."""
+def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[Any], now: float) -> None:
+    """Note why the watchdog gives up on a server (silent for too long, or past the catch-up wait's deadline) and
+    the server process it talked to; then shutdown(2) the connection's socket, through a duplicate of its file
+    descriptor: the call waiting on it returns at once with an error. (suppress: libpq may have closed it.)"""
     why = f"nothing for {watchdog.stall_timeout:g} s" if now <= watchdog.deadline else "nothing by the deadline"
-    return f"stopped answering ({why})"
-
-
-def cut_off(connection: psycopg.Connection[Any]) -> None:
-    """shutdown(2) a connection's socket, through a duplicate of its file descriptor: the call waiting
-    on it returns at once with an error. (suppress: libpq may have closed it meanwhile.)"""
+    watchdog.gave_up_on[server.service] = f"stopped answering ({why})"
+    watchdog.cut_off_backends[server.service] = connection.info.backend_pid
     with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
         duplicate.shutdown(socket.SHUT_RDWR)
 
@@ -1436,6 +1434,17 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException) -> 
         return DemoError(
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
         )
+    standbys = None if isinstance(error, KeyboardInterrupt) or stage != "during" else waited_for_standbys(primary)
+    if standbys is not None:
+        stall = primary.watchdog.stall_timeout
+        waited = f"(synchronous_standby_names = '{standbys}') to confirm it, and none did in {stall:g} s"
+        return DemoError(
+            f"{primary.service} ({primary.address}) wrote the COMMIT, then waited for a synchronous standby {waited}: "
+            f"the {written.users:,} users are committed there, and other sessions see them once a standby confirms "
+            "or the wait is cancelled; "
+            "do not run again to retry them",
+            ExitCode.AFTER_COMMIT,
+        )
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
         return CommitRefused(primary, written.ids, error)
     if stage == "during":
@@ -1457,6 +1466,27 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException) -> 
         message = f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
     return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
+
+
+# Does this server process wait for a synchronous standby to confirm its COMMIT? It waits only once the commit is
+# written and flushed on the primary (RecordTransactionCommit, in src/backend/access/transam/xact.c), and the other
+# sessions see the transaction only once the wait is over.
+WAITING_FOR_STANDBYS = text(
+    "SELECT current_setting('synchronous_standby_names') FROM pg_stat_activity"
+    " WHERE pid = :pid AND wait_event = 'SyncRep'"
+)
+
+
+def waited_for_standbys(primary: Server) -> str | None:
+    """synchronous_standby_names, if the watchdog cut the primary's COMMIT off while it waited for those standbys."""
+    pid = primary.watchdog.cut_off_backends.get(primary.service)
+    if pid is None:
+        return None
+    try:
+        with primary.engine.connect() as connection:
+            return connection.scalar(WAITING_FOR_STANDBYS, {"pid": pid})
+    except DATABASE_ERRORS:
+        return None
 
 
 def failure_after_commit(written: Written, error: BaseException) -> DemoError:

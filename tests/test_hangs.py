@@ -185,6 +185,36 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
 # ------------------------------------------------------------------------------------------------
 
 
+def test_a_commit_that_waits_for_a_synchronous_standby_is_told_as_committed() -> None:
+    # synchronous_standby_names makes COMMIT wait, once the commit is written and flushed on the primary, until a
+    # standby confirms it. With both replicas stopped none does: the watchdog cuts the wait off, and the primary,
+    # which still answers, shows its server process waiting for a standby (wait event SyncRep), not stopped. The
+    # users are committed: once the wait is over, every session sees them. (A cluster of its own: the setting needs
+    # a reload, which the shared cluster's log should not show.)
+    with LocalCluster(port_base=free_port_base()) as cluster:
+        with connect(cluster.primary) as primary:
+            primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.execute("SELECT pg_reload_conf()")
+        for replica in cluster.replicas:
+            replica.stop()
+        started = time.monotonic()
+        result = run_demo(cluster, env={"DEMO_STALL_TIMEOUT": STALL})
+        seconds = time.monotonic() - started
+        assert result.returncode == 6, result.stderr
+        assert errors_of(result.stderr) == [
+            f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) wrote the COMMIT, then waited for "
+            f"a synchronous standby (synchronous_standby_names = '*') to confirm it, and none did in {STALL} s: the 5 "
+            "users are committed there, and other sessions see them once a standby confirms or the wait is "
+            "cancelled; do not run again to retry them"
+        ]
+        assert seconds < float(STALL) + 5, seconds
+        assert count_on(cluster.primary) == 0  # committed, but not seen by others while the wait lasts
+        with connect(cluster.primary) as primary:
+            primary.execute("ALTER SYSTEM RESET synchronous_standby_names")  # which ends the wait
+            primary.execute("SELECT pg_reload_conf()")
+        assert wait_until(lambda: count_on(cluster.primary) == 5)
+
+
 def test_sigterm_before_the_commit_says_nothing_was_written(cluster: LocalCluster) -> None:
     before = counts_everywhere(cluster)[0]
     demo = stalling_demo(cluster, "--users", "300000")
