@@ -1372,32 +1372,44 @@ class CommitRefused(DemoError):
 
     def explained(self, shards: Sequence[Server]) -> DemoError:
         """Read on each shard how many of this run's users it kept: none (nothing was written), some (partly
-        committed), or none that can be counted for sure (the outcome is unknown)."""
+        committed), or none that can be counted for sure (the outcome is unknown). Interrupted meanwhile, it says
+        what it counted so far, with the signal's exit code."""
         if not shards:
             return self
-        kept_some, all_known, told = False, True, []
+        kept_some, all_known, told, interruption = False, True, [], None
         for shard in shards:
-            try:
-                settled = wait_for_commits_in_flight(shard)
-                count = sum(users_on_shard(shard, self.ids).values())
-            except DATABASE_ERRORS as error:
+            if interruption is None:
+                try:
+                    settled = wait_for_commits_in_flight(shard)
+                    count = sum(users_on_shard(shard, self.ids).values())
+                except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM or SIGHUP: ask no more shards
+                    interruption = error
+                except DATABASE_ERRORS as error:
+                    all_known = False
+                    told.append(f"{shard.service} kept an unknown number of this run's users ({cause(shard, error)})")
+                    continue
+            if interruption is not None:
                 all_known = False
-                told.append(f"{shard.service} kept an unknown number of this run's users ({cause(shard, error)})")
+                told.append(f"{shard.service} was not counted (interrupted)")
                 continue
             kept_some, all_known = kept_some or count > 0, all_known and settled
             note = "" if settled else " so far (a transaction was still open there)"
             told.append(f"{shard.service} kept {count:,} of this run's {len(self.ids):,} users{note}")
         refused, each = f"{self.primary.service} refused the COMMIT: {self.reason}", ", ".join(told)
         if kept_some:  # what a shard has committed stays, whatever the others did
-            return DemoError(
+            outcome = DemoError(
                 f"{refused}; partly committed, as read on each shard: {each}; those stay (postgres_fdw has no "
                 "two-phase commit), and tbl_users shows them",
                 ExitCode.PARTLY_COMMITTED,
             )
-        if all_known:
-            return DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
-        message = f"{refused}; as read on each shard: {each}; whether any of them is kept is unknown"
-        return DemoError(f"{message}: count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
+        elif all_known:
+            outcome = DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
+        else:
+            message = f"{refused}; as read on each shard: {each}; whether any of them is kept is unknown"
+            outcome = DemoError(f"{message}: count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
+        if interruption is not None:
+            return interrupted(interruption, f"while the shards were counted: {outcome}")
+        return outcome
 
 
 # The transactions that hold an xid on a server now, as pg_stat_activity shows them to any user; and how many of
@@ -1425,7 +1437,13 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException) -> 
     primary = written.primary
     if stage == "after":
         return failure_after_commit(written, error)
-    shard = None if isinstance(error, KeyboardInterrupt) else shard_that_stopped(primary)
+    shard, standbys = None, None
+    if not isinstance(error, KeyboardInterrupt):
+        try:  # who stopped answering: a shard that master-db waited on? Or does master-db wait for a standby?
+            shard = shard_that_stopped(primary)
+            standbys = waited_for_standbys(primary) if stage == "during" and shard is None else None
+        except KeyboardInterrupt as interruption:  # while it asks: told below, as an interruption at this stage
+            error = interruption
     if shard:
         where = f"{shard.service} ({shard.address}) {cause(shard, error)}"
         if stage == "during":
@@ -1434,7 +1452,6 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException) -> 
         return DemoError(
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
         )
-    standbys = None if isinstance(error, KeyboardInterrupt) or stage != "during" else waited_for_standbys(primary)
     if standbys is not None:
         stall = primary.watchdog.stall_timeout
         waited = f"(synchronous_standby_names = '{standbys}') to confirm it, and none did in {stall:g} s"
@@ -1494,7 +1511,11 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     nobody runs again to retry users who are already there."""
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, f"after the commit: {committed(written)}")
-    primary, shard = written.primary, shard_that_stopped(written.primary)
+    primary = written.primary
+    try:
+        shard = shard_that_stopped(primary)
+    except KeyboardInterrupt as interruption:  # while it asks who stopped answering
+        return interrupted(interruption, f"after the commit: {committed(written)}")
     if shard:
         what = f"{shard.service} ({shard.address}) {cause(shard, error)}, and the reads need it"
     elif primary.service in primary.watchdog.gave_up_on:

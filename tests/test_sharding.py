@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import psycopg
 import pytest
 
 import sharding_demo
-from conftest import PROJECT_DIR, docker_compose, run_demo, wait_until
+from conftest import PROJECT_DIR, docker_compose, run_demo, start_demo, wait_until
 from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base
 
 COORDINATOR_PASSWORD = "coordinator-secret-7b1f"  # so that the tests can look for it in every log
@@ -282,6 +283,36 @@ def test_a_half_commit_that_cannot_be_counted_for_sure_says_so(
         assert result.returncode == 8, result.stderr
         assert kept == {"shard-one": 0, "shard-two": 0}
         assert line.endswith("whether any of them is kept is unknown: count the rows of tbl_users before running again")
+
+
+def test_an_interruption_while_the_shards_are_counted_says_the_outcome_is_unknown(sharded: LocalCluster) -> None:
+    # shard-two refuses at COMMIT; shard-one commits. A transaction left open on shard-one makes the demo wait
+    # before it counts there, and SIGTERM comes during that wait: the run has written on shard-one, so "interrupted
+    # before the insert: nothing was written" would be false. It says what it knows: that it does not know.
+    shard_one = shard_of(sharded, "shard-one")
+    before = len(ids_on(shard_one))
+    with refusing(shard_of(sharded, "shard-two"), "refused at commit"), tcp(shard_one) as other:
+        other.execute("BEGIN")
+        other.execute("SELECT pg_current_xact_id()")  # holds an xid until it ends
+        demo = start_demo(sharded, "--users", "100", env={"DEMO_STALL_TIMEOUT": "60"})
+        with tcp(shard_one) as watcher:
+
+            def counting() -> bool:  # the demo's wait for the transactions in flight on shard-one
+                query = "SELECT FROM pg_stat_activity WHERE application_name = 'sharding_demo' AND query LIKE %s"
+                return bool(watcher.execute(query, ["%backend_xid%"]).fetchall())
+
+            assert wait_until(counting, timeout=60, interval=0.02)
+        demo.send_signal(signal.SIGTERM)
+        _, stderr = demo.communicate(timeout=60)
+        other.execute("ROLLBACK")
+    assert demo.returncode == 143, stderr
+    assert stderr.splitlines() == [
+        "sharding_demo.py: error: interrupted (SIGTERM) while the shards were counted: master-db refused the "
+        "COMMIT: refused at commit; as read on each shard: shard-one was not counted (interrupted), shard-two was "
+        "not counted (interrupted); whether any of them is kept is unknown: count the rows of tbl_users before "
+        "running again"
+    ]
+    assert len(ids_on(shard_one)) > before  # shard-one did keep some: "nothing was written" would have been false
 
 
 def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: LocalCluster) -> None:
