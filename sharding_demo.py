@@ -1230,11 +1230,20 @@ def refused_login(error: BaseException) -> bool:
     return any(phrase in one_line(error) for phrase in words)
 
 
+def no_such_database(server: Server, error: BaseException) -> str | None:
+    """'has no database app: check REPLICA_ONE_NAME', if the server answered the login so (libpq's words)."""
+    if f'database "{server.settings.name}" does not exist' not in one_line(error):
+        return None
+    return f"has no database {server.settings.name}: check {variable_of(server.settings, 'name')}"
+
+
 def primary_failed(primary: Server, error: BaseException) -> DemoError:
     """The primary failed its check, before anything was written."""
     where = f"{primary.service} ({primary.address})"
     if refused_login(error):
         return DemoError(f"{where} refused the login: {one_line(error)}", ExitCode.LOGIN_REFUSED)
+    if missing := no_such_database(primary, error):
+        return DemoError(f"{where} {missing}", ExitCode.CONFIG)
     if sqlstate(error) == "57014":  # query_canceled: a statement_timeout, or a cancel request
         message = f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
@@ -1303,6 +1312,8 @@ def replica_failure(replica: Server, error: BaseException) -> str:
     if refused_login(error):
         user, password = variable_of(replica.settings, "user"), variable_of(replica.settings, "password")
         return f"refused the login: {one_line(error)}: check {user} and {password}"
+    if missing := no_such_database(replica, error):
+        return missing
     if replica.service in replica.watchdog.gave_up_on:
         return cause(replica, error)
     return f"unreachable: {one_line(error)}"

@@ -50,6 +50,22 @@ def test_table_missing_means_not_initialised(cluster: LocalCluster) -> None:
     assert_one_line_error(result.stderr, "master-db", "has no table tbl_users")
 
 
+def test_a_database_that_does_not_exist_names_the_setting(cluster: LocalCluster) -> None:
+    # The server answers the login: "unreachable", or "cannot connect", would send the user to the network.
+    before = count_rows(cluster)
+    result = run_demo(cluster, env={"MASTER_DB_NAME": "no_such_db"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) has no database no_such_db: "
+        "check MASTER_DB_NAME"
+    ]
+    result = run_demo(cluster, "--json", env={"REPLICA_ONE_NAME": "no_such_db"})
+    assert result.returncode == 0, result.stderr
+    [skip] = json.loads(result.stdout)["skipped"]
+    assert (skip["replica"], skip["reason"]) == ("replica-one", "has no database no_such_db: check REPLICA_ONE_NAME")
+    assert count_rows(cluster) == before + 5
+
+
 def test_primary_address_pointing_at_a_replica(cluster: LocalCluster) -> None:
     before = count_rows(cluster)
     result = run_demo(cluster, env={"MASTER_DB_PORT": str(cluster.replicas[0].port)})
