@@ -1316,6 +1316,8 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return missing
     if replica.service in replica.watchdog.gave_up_on:
         return cause(replica, error)
+    if "FATAL:" in one_line(error):  # it answered, and said no: starting up, shutting down, too many connections
+        return f"refused the connection: {one_line(error)}"
     return f"unreachable: {one_line(error)}"
 
 

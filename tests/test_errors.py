@@ -8,7 +8,7 @@ import json
 import pytest
 from psycopg import sql
 
-from conftest import connect, run_demo
+from conftest import connect, run_demo, wait_until
 from local_cluster import LocalCluster, free_port_base
 
 
@@ -64,6 +64,25 @@ def test_a_database_that_does_not_exist_names_the_setting(cluster: LocalCluster)
     [skip] = json.loads(result.stdout)["skipped"]
     assert (skip["replica"], skip["reason"]) == ("replica-one", "has no database no_such_db: check REPLICA_ONE_NAME")
     assert count_rows(cluster) == before + 5
+
+
+def test_a_replica_that_answers_no_is_not_called_unreachable(cluster: LocalCluster) -> None:
+    # A role that may not connect at all: the replica answers "too many connections", so it was reached.
+    with connect(cluster.primary) as primary:
+        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_connections'").fetchone():
+            primary.execute("CREATE ROLE no_connections LOGIN PASSWORD 'x' CONNECTION LIMIT 0")
+
+    def replicated() -> bool:
+        with connect(cluster.replicas[0]) as replica:
+            return bool(replica.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_connections'").fetchone())
+
+    assert wait_until(replicated)
+    result = run_demo(cluster, "--json", env={"REPLICA_ONE_USER": "no_connections", "REPLICA_ONE_PASSWORD": "x"})
+    assert result.returncode == 0, result.stderr
+    [skip] = json.loads(result.stdout)["skipped"]
+    assert skip["replica"] == "replica-one"
+    assert skip["reason"].startswith("refused the connection: "), skip["reason"]
+    assert 'FATAL:  too many connections for role "no_connections"' in skip["reason"]
 
 
 def test_primary_address_pointing_at_a_replica(cluster: LocalCluster) -> None:
