@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as error:
         print(f"sharding_demo.py: error: {error}", file=sys.stderr)
         return error.exit_code
-    except (BrokenPipeError, KeyboardInterrupt) as error:  # `| head`, Ctrl-C, SIGTERM, SIGHUP
+    except (OSError, KeyboardInterrupt) as error:  # `| head`, a full disk, Ctrl-C, SIGTERM, SIGHUP
         return stopped(error, report)  # appendix D
     return 0
 
@@ -1096,7 +1096,7 @@ class ExitCode(IntEnum):
 
     meaning: str
     OK = 0, "success, also when a replica was left out (the report says which, and why)"
-    CONFIG = 2, "an invalid setting or flag (the message names it)"
+    CONFIG = 2, "an invalid setting or flag (the message names it), or a .env that cannot be read"
     PRIMARY_LOST = 3, "the primary cannot be reached, was lost or stopped answering before the commit: nothing written"
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
@@ -1146,7 +1146,7 @@ def interrupted(interruption: KeyboardInterrupt, when: str) -> DemoError:
 
 def stopped(error: BaseException, report: Report | None) -> int:
     """Ctrl-C, SIGTERM or SIGHUP before the write (run() tells one during or after it), or while the
-    report was printed; or stdout closed before it was (`| head`)."""
+    report was printed; or stdout closed before it was (`| head`), or unable to take it (a full disk)."""
     if isinstance(error, KeyboardInterrupt):
         when = "before the insert: nothing was written"
         if report is not None:
@@ -1154,9 +1154,16 @@ def stopped(error: BaseException, report: Report | None) -> int:
         failure = interrupted(error, when)
         print(f"sharding_demo.py: error: {failure}", file=sys.stderr)
         return failure.exit_code
-    # Point stdout at /dev/null, so that Python's own flush at exit does not fail a second time.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return ExitCode.STDOUT_CLOSED
+    if isinstance(error, BrokenPipeError) or report is not None:
+        # Point stdout at /dev/null, so that Python's own flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(error, BrokenPipeError):  # the reader has gone and wants nothing more: no message
+        return ExitCode.STDOUT_CLOSED
+    if report is None:
+        raise error  # not from printing the report: unexpected
+    message = f"could not print the report ({error}); {committed(report.written)}"
+    print(f"sharding_demo.py: error: {message}", file=sys.stderr)
+    return ExitCode.AFTER_COMMIT
 
 
 def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[Any], now: float) -> None:
@@ -1618,6 +1625,8 @@ def settings_warnings() -> list[str]:
             values = dotenv_values(path, encoding="utf-8")
         except UnicodeDecodeError:
             pass  # loading the settings says so, in one line
+        except OSError as error:  # not readable by this user, say
+            raise DemoError(f".env cannot be read: {error.strerror}", ExitCode.CONFIG) from None
         finally:
             logger.removeHandler(log)
             logger.disabled = True

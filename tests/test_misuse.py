@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import (
+    DEMO,
+    clean_environment,
     connect,
     count_on,
     counts_everywhere,
@@ -148,6 +152,29 @@ def test_stdout_closed_early_is_quiet(cluster: LocalCluster) -> None:
     assert demo.stderr is not None
     assert demo.returncode == 141
     assert demo.stderr.read() == ""
+
+
+@pytest.mark.parametrize("arguments", [[], ["--json"]])
+def test_a_report_that_stdout_cannot_take_says_the_users_are_committed(
+    cluster: LocalCluster, arguments: list[str]
+) -> None:
+    # /dev/full: every write fails with "No space left on device", as on a full disk.
+    before = counts_everywhere(cluster)[0]
+    with open("/dev/full", "w") as full:
+        demo = subprocess.run(
+            [sys.executable, str(DEMO), *arguments],
+            env=clean_environment() | cluster.demo_environment(),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert demo.returncode == 6, demo.stderr
+    line = the_error(demo.stderr)
+    assert line.startswith("sharding_demo.py: error: could not print the report ([Errno 28] No space left on device); ")
+    assert "5 users were committed on master-db (commit LSN " in line
+    assert counts_everywhere(cluster) == [before + 5] * 3
 
 
 # ------------------------------------------------------------------------------------------------
