@@ -440,11 +440,12 @@ class ReadWriteRouter:
         return random.choice(self.replicas_in_use)
 
     def not_a_standby(self, replica: Server, identity: Any) -> str | None:
-        """None if the server is in recovery with the primary's system identifier, else what it is.
-        (A standby of another cluster would answer with that cluster's rows.)"""
-        if identity[0] and identity[1] == self.facts.identity[1]:
+        """None if the server is in recovery with the primary's system identifier, and is asked for the primary's
+        database, else what it is. (A standby of another cluster, or another database, has other rows.)"""
+        same_database = replica.settings.name == self.primary.settings.name
+        if identity[0] and identity[1] == self.facts.identity[1] and same_database:
             return None
-        return what_it_is_instead(replica, tuple(identity), self.facts.identity)  # appendix D
+        return what_it_is_instead(self, replica, tuple(identity))  # appendix D
 
     def read(self, work: Callable[[Session], T]) -> Answer[T]:
         """Run `work` in one read-only transaction on a replica (or on the primary, if none is left)."""
@@ -1328,15 +1329,20 @@ def replica_failure(replica: Server, error: BaseException) -> str:
     return f"unreachable: {one_line(error)}"
 
 
-def what_it_is_instead(replica: Server, identity: tuple[Any, ...], primary: tuple[Any, ...]) -> str:
-    """Why a server is not a standby of the primary: a promoted copy, the primary, or another cluster's."""
+def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple[Any, ...]) -> str:
+    """Why a server is not a standby of the primary: a promoted copy, the primary, another cluster's, or the
+    primary's standby asked for another database."""
     in_recovery, system_identifier, started_at = identity
+    primary = router.facts.identity
     fix = f"check {variable_of(replica.settings, 'host')} and {variable_of(replica.settings, 'port')}"
     if system_identifier != primary[1]:
         what = "a standby of another cluster" if in_recovery else "the primary of another cluster"
         return f"is {what} (system identifier {system_identifier}, the primary's is {primary[1]}): {fix}"
     if started_at == primary[2]:
         return f"is the primary itself, not a standby (pg_is_in_recovery() is false): {fix}"
+    if in_recovery:  # the primary's standby, asked for another database
+        asked, expected, settings = replica.settings.name, router.primary.settings.name, replica.settings
+        return f"is asked for database {asked}, not {expected} as the primary is: check {variable_of(settings, 'name')}"
     return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
 
 

@@ -200,6 +200,25 @@ def test_a_replica_setting_that_points_at_the_primary_is_left_out(cluster: Local
     assert "no replica left" not in result.stderr  # replica-two served every read
 
 
+def test_a_replica_asked_for_another_database_is_left_out(cluster: LocalCluster) -> None:
+    # The primary's own standby, but another database of it: its tbl_users, if it had one, would hold other rows.
+    settings = database_with(cluster, "elsewhere", "CREATE TABLE unrelated (n int)")
+
+    def replayed() -> bool:  # the database is on replica-one too
+        with connect(cluster.replicas[0]) as replica:
+            return bool(replica.execute("SELECT 1 FROM pg_database WHERE datname = 'elsewhere'").fetchone())
+
+    assert wait_until(replayed)
+    result = run_demo(cluster, "--json", env={"REPLICA_ONE_NAME": settings["MASTER_DB_NAME"]})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    [skip] = report["skipped"]
+    assert (skip["replica"], skip["when"]) == ("replica-one", "waited for")
+    assert skip["reason"] == "is asked for database elsewhere, not postgres as the primary is: check REPLICA_ONE_NAME"
+    reads = [*report["partitions"], report["first_user"], report["landing_checked_by"]]
+    assert {read["read_from"] for read in reads} == {"replica-two"}
+
+
 def test_a_standby_of_another_cluster_is_left_out(cluster: LocalCluster) -> None:
     with LocalCluster(port_base=free_port_base()) as other:
         stranger = other.replicas[0]
