@@ -1309,8 +1309,9 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
 def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
     where = f"{shard.service} ({shard.address})"
     if error is None:
-        check = f"check {variable_of(shard.settings, 'host')} and {variable_of(shard.settings, 'port')}"
-        what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db: {check}"
+        host, port, name = [variable_of(shard.settings, field) for field in ("host", "port", "name")]
+        what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db"
+        what += f": check {host}, {port} and {name}"
     else:
         what = f"{where}, which stores {', '.join(names)} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)

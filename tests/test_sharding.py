@@ -354,8 +354,8 @@ def test_a_shard_setting_that_points_at_another_server_is_refused_before_the_wri
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
         f"sharding_demo.py: error: shard-one (127.0.0.1:{other.port}) does not hold tbl_users_p0, tbl_users_p2 as "
-        "tables of its own, bound as on master-db: check SHARD_ONE_HOST and SHARD_ONE_PORT; nothing was written on "
-        "any shard"
+        "tables of its own, bound as on master-db: check SHARD_ONE_HOST, SHARD_ONE_PORT and SHARD_ONE_NAME; nothing "
+        "was written on any shard"
     ]
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
