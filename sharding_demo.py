@@ -722,14 +722,14 @@ def render_text(report: Report) -> str:
 
     first = report.first_user.value
     if first is not None:
-        created = created_at(first.id)
-        lines += [
-            "",
-            f"User: {first.first_name} (ID: {first.id}, CreatedDate: "
-            + (f"{created:%Y-%m-%d %H:%M:%S} UTC)" if created else "not a UUIDv7)"),
-            "  the smallest id in the table: the oldest user of every run so far",
-            f"  its creation time is decoded from the UUIDv7 itself; read from {where(report.first_user.server)}",
-        ]
+        created, server = created_at(first.id), where(report.first_user.server)
+        if created is None:  # a row written some other way, with gen_random_uuid() say: its id says nothing of time
+            lines += ["", f"User: {first.first_name} (ID: {first.id}, not a UUIDv7, so no creation time to read)"]
+            lines.append(f"  the smallest id in the table, but not a time-ordered one; read from {server}")
+        else:
+            lines += ["", f"User: {first.first_name} (ID: {first.id}, CreatedDate: {created:%Y-%m-%d %H:%M:%S} UTC)"]
+            lines.append("  the smallest id in the table: the oldest user of every run so far")
+            lines.append(f"  its creation time is decoded from the UUIDv7 itself; read from {server}")
     if report.skipped:
         lines += left_out_during_the_reads(report)
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from conftest import connect, run_demo
+import sharding_demo
+from conftest import connect, database_with, run_demo
 from local_cluster import LocalCluster
 
 
@@ -250,3 +251,23 @@ def test_the_lesson_s_ids_come_from_uuid6_and_carry_the_time(run_in_process) -> 
     # uuid6 moves each id made in the same millisecond 1 ms ahead: five ids, at most 4 ms.
     assert started - timedelta(milliseconds=1) <= times[0] <= times[-1] <= finished + timedelta(milliseconds=5)
     assert times[-1] - times[0] <= timedelta(milliseconds=10)
+
+
+def test_a_first_user_whose_id_is_not_a_uuidv7_is_not_given_a_time(cluster: LocalCluster, run_in_process) -> None:  # type: ignore[no-untyped-def]
+    # A row written some other way (gen_random_uuid(), say) can hold the smallest id: it is no time, and not the
+    # oldest user. A database of its own, so the shared table's first user stays the demo's.
+    settings = database_with(
+        cluster,
+        "hand_written",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        *(
+            f"CREATE TABLE tbl_users_p{n} PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER {n})"
+            for n in range(4)
+        ),
+        "INSERT INTO tbl_users VALUES ('00000000-0000-4000-8000-000000000000', 'Hand')",
+    )
+    report = run_in_process(env=settings)
+    assert report.first_user.value.first_name == "Hand"
+    text = sharding_demo.render_text(report)
+    assert "User: Hand (ID: 00000000-0000-4000-8000-000000000000, not a UUIDv7, so no creation time to read)" in text
+    assert "the oldest user" not in text and "decoded from the UUIDv7" not in text
