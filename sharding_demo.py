@@ -1342,8 +1342,9 @@ def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple
     if started_at == primary[2]:
         return f"is the primary itself, not a standby (pg_is_in_recovery() is false): {fix}"
     if in_recovery:  # the primary's standby, asked for another database
-        asked, expected, settings = replica.settings.name, router.primary.settings.name, replica.settings
-        return f"is asked for database {asked}, not {expected} as the primary is: check {variable_of(settings, 'name')}"
+        asked, expected = replica.settings.name, router.primary.settings.name
+        fix = f"check {variable_of(replica.settings, 'name')}"
+        return f"is asked for database {asked}, not {expected} as the primary is: {fix}"
     return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
 
 
