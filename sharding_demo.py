@@ -1173,9 +1173,10 @@ def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[A
     descriptor: the call waiting on it returns at once with an error. (suppress: libpq may have closed it.)"""
     why = f"nothing for {watchdog.stall_timeout:g} s" if now <= watchdog.deadline else "nothing by the deadline"
     watchdog.gave_up_on[server.service] = f"stopped answering ({why})"
-    watchdog.cut_off_backends[server.service] = connection.info.backend_pid
-    with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
-        duplicate.shutdown(socket.SHUT_RDWR)
+    with suppress(OSError, psycopg.Error):  # nothing may stop the watchdog's thread
+        watchdog.cut_off_backends[server.service] = connection.info.backend_pid
+        with socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
 
 
 def shard_that_stopped(server: Server) -> Server | None:
