@@ -1243,7 +1243,7 @@ def no_such_database(server: Server, error: BaseException) -> str | None:
     """'has no database app: check REPLICA_ONE_NAME', if the server answered the login so (libpq's words)."""
     if f'database "{server.settings.name}" does not exist' not in one_line(error):
         return None
-    return f"has no database {server.settings.name}: check {variable_of(server.settings, 'name')}"
+    return f"has no database {server.settings.name}: {to_check(server.settings, 'name')}"
 
 
 def primary_failed(primary: Server, error: BaseException) -> DemoError:
@@ -1286,8 +1286,8 @@ def unusable_partition(primary: Server, name: str, shard: str | None, kind: str,
 def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
     where = f"{primary.service} ({primary.address})"
     if facts.identity[0]:
-        host, port = variable_of(primary.settings, "host"), variable_of(primary.settings, "port")
-        return DemoError(f"{where} is a standby, not the primary: check {host} and {port}", ExitCode.CONFIG)
+        fix = to_check(primary.settings, "host", "port")
+        return DemoError(f"{where} is a standby, not the primary: {fix}", ExitCode.CONFIG)
     if facts.partitions:
         greatest, uncovered = max(p.modulus for p in facts.partitions), uncovered_remainders(facts.partitions)
         what = f"partitions of tbl_users that leave remainders {uncovered} of modulus {greatest} without a partition"
@@ -1310,9 +1310,8 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
 def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
     where = f"{shard.service} ({shard.address})"
     if error is None:
-        host, port, name = [variable_of(shard.settings, field) for field in ("host", "port", "name")]
-        what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db"
-        what += f": check {host}, {port} and {name}"
+        fix = to_check(shard.settings, "host", "port", "name")
+        what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db: {fix}"
     else:
         what = f"{where}, which stores {', '.join(names)} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
@@ -1320,8 +1319,7 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None) -
 
 def replica_failure(replica: Server, error: BaseException) -> str:
     if refused_login(error):
-        user, password = variable_of(replica.settings, "user"), variable_of(replica.settings, "password")
-        return f"refused the login: {one_line(error)}: check {user} and {password}"
+        return f"refused the login: {one_line(error)}: {to_check(replica.settings, 'user', 'password')}"
     if missing := no_such_database(replica, error):
         return missing
     if replica.service in replica.watchdog.gave_up_on:
@@ -1336,7 +1334,7 @@ def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple
     primary's standby asked for another database."""
     in_recovery, system_identifier, started_at = identity
     primary = router.facts.identity
-    fix = f"check {variable_of(replica.settings, 'host')} and {variable_of(replica.settings, 'port')}"
+    fix = to_check(replica.settings, "host", "port")
     if system_identifier != primary[1]:
         what = "a standby of another cluster" if in_recovery else "the primary of another cluster"
         return f"is {what} (system identifier {system_identifier}, the primary's is {primary[1]}): {fix}"
@@ -1344,7 +1342,7 @@ def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple
         return f"is the primary itself, not a standby (pg_is_in_recovery() is false): {fix}"
     if in_recovery:  # the primary's standby, asked for another database
         asked, expected = replica.settings.name, router.primary.settings.name
-        fix = f"check {variable_of(replica.settings, 'name')}"
+        fix = to_check(replica.settings, "name")
         return f"is asked for database {asked}, not {expected} as the primary is: {fix}"
     return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
 
@@ -1406,20 +1404,17 @@ class CommitRefused(DemoError):
         if not shards:
             return self
         kept_some, all_known, told, interruption = False, True, [], None
-        for shard in shards:
-            if interruption is None:
-                try:
-                    settled = wait_for_commits_in_flight(shard)
-                    count = sum(users_on_shard(shard, self.ids).values())
-                except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM or SIGHUP: ask no more shards
-                    interruption = error
-                except DATABASE_ERRORS as error:
-                    all_known = False
-                    told.append(f"{shard.service} kept an unknown number of this run's users ({cause(shard, error)})")
-                    continue
-            if interruption is not None:
+        for number, shard in enumerate(shards):
+            try:
+                settled = wait_for_commits_in_flight(shard)
+                count = sum(users_on_shard(shard, self.ids).values())
+            except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM or SIGHUP: ask no more shards
+                interruption, all_known = error, False
+                told += [f"{each.service} was not counted (interrupted)" for each in shards[number:]]
+                break
+            except DATABASE_ERRORS as error:
                 all_known = False
-                told.append(f"{shard.service} was not counted (interrupted)")
+                told.append(f"{shard.service} kept an unknown number of this run's users ({cause(shard, error)})")
                 continue
             kept_some, all_known = kept_some or count > 0, all_known and settled
             note = "" if settled else " so far (a transaction was still open there)"
@@ -1606,6 +1601,14 @@ def flag_of(name: str) -> str:
 def variable_of(settings: BaseSettings | type[BaseSettings], name: str) -> str:
     """A setting's environment variable: its class's prefix and its name, e.g. REPLICA_ONE_HOST."""
     return f"{settings.model_config.get('env_prefix')}{name.upper()}"
+
+
+def to_check(settings: DatabaseSettings, *names: str) -> str:
+    """'check SHARD_ONE_HOST, SHARD_ONE_PORT and SHARD_ONE_NAME': the variables a failure message sends you to."""
+    variables = [variable_of(settings, name) for name in names]
+    if len(variables) == 1:
+        return f"check {variables[0]}"
+    return f"check {', '.join(variables[:-1])} and {variables[-1]}"
 
 
 def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str, Any]) -> DemoError:
