@@ -270,6 +270,9 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
         # Without this, SQLAlchemy looks up the hstore type when an engine first connects: noise in
         # the statement logs you are invited to read. application_name shows in those logs.
         use_native_hstore=False,
+        # Each transaction names its level, so that a default of 'serializable' (ALTER DATABASE ... SET
+        # default_transaction_isolation, say), which a hot standby refuses, cannot fail the demo's questions.
+        isolation_level="READ COMMITTED",
         connect_args={"application_name": "sharding_demo", "connect_timeout": connect_timeout},
     )
     server = Server(settings.service, f"{settings.host}:{settings.port}", settings, engine, watchdog)
@@ -545,8 +548,8 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
     try:
         while waiting:
             for replica in list(waiting):
-                try:  # AUTOCOMMIT: each question sees the replica as it is now, not an old snapshot
-                    with replica.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                try:  # a transaction per question: each sees the replica as it is now
+                    with replica.engine.connect() as connection:
                         *identity, lag = connection.execute(CAUGHT_UP, {"lsn": commit_lsn}).one()
                     problem = router.not_a_standby(replica, identity)
                 except DATABASE_ERRORS as error:
@@ -1326,6 +1329,8 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return cause(replica, error)
     if "FATAL:" in one_line(error):  # it answered, and said no: starting up, shutting down, too many connections
         return f"refused the connection: {one_line(error)}"
+    if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say
+        return f"answered the demo's question with an error: {one_line(error)}"
     return f"unreachable: {one_line(error)}"
 
 

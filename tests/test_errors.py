@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
+import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import connect, run_demo, wait_until
+from conftest import connect, database_with, run_demo, wait_until
 from local_cluster import LocalCluster, free_port_base
 
 
@@ -83,6 +84,40 @@ def test_a_replica_that_answers_no_is_not_called_unreachable(cluster: LocalClust
     assert skip["replica"] == "replica-one"
     assert skip["reason"].startswith("refused the connection: "), skip["reason"]
     assert 'FATAL:  too many connections for role "no_connections"' in skip["reason"]
+
+
+def test_a_replica_that_answers_the_wait_with_an_error_is_not_called_unreachable(cluster: LocalCluster) -> None:
+    # In a database of its own, a role that may not call pg_control_system(), which the wait's question
+    # uses: replica-one, asked as that role, connects and answers with an ERROR.
+    with connect(cluster.primary) as primary:
+        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_control'").fetchone():
+            primary.execute("CREATE ROLE no_control LOGIN PASSWORD 'x'")
+    settings = database_with(
+        cluster,
+        "no_control",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 0)",
+        "CREATE TABLE tbl_users_p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
+        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC",
+    )
+
+    def replicated() -> bool:  # the role, the database and its tables are on replica-one too
+        try:
+            with connect(cluster.replicas[0], dbname="no_control") as replica:
+                return bool(replica.execute("SELECT to_regclass('tbl_users_p1')").fetchone()[0])  # type: ignore[index]
+        except psycopg.OperationalError:  # the database is not there yet
+            return False
+
+    assert wait_until(replicated, timeout=30)
+    result = run_demo(
+        cluster, "--json", env=settings | {"REPLICA_ONE_USER": "no_control", "REPLICA_ONE_PASSWORD": "x"}
+    )
+    assert result.returncode == 0, result.stderr
+    [skip] = json.loads(result.stdout)["skipped"]
+    assert skip["replica"] == "replica-one" and skip["when"] == "waited for"
+    assert skip["reason"] == (
+        "answered the demo's question with an error: permission denied for function pg_control_system"
+    ), skip["reason"]
 
 
 def test_primary_address_pointing_at_a_replica(cluster: LocalCluster) -> None:

@@ -418,6 +418,19 @@ def test_a_large_run_keeps_the_replica_s_statement_log_short(cluster: LocalClust
     assert result.stderr.splitlines()[0] == "sharding_demo.py: made the ids of 20,000 of 200,000 users"
 
 
+def test_a_serializable_default_does_not_keep_the_replicas_out(cluster: LocalCluster) -> None:
+    # A hot standby refuses serializable transactions. The demo names its isolation level itself, so
+    # a session default of serializable (here from PGOPTIONS, which libpq reads) changes nothing.
+    result = run_demo(cluster, "--json", env={"PGOPTIONS": "-c default_transaction_isolation=serializable"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["skipped"] == [] and len(report["catchup"]) == 2
+    assert report["landing_checked_by"]["in_recovery"] is True
+    assert [user["actual_partition"] for user in report["inserted"]] == [
+        user["predicted_partition"] for user in report["inserted"]
+    ]
+
+
 def test_a_cancelled_orm_insert_is_named_as_such_not_as_a_lost_primary(cluster: LocalCluster) -> None:
     # A trigger that makes each INSERT take a second, and a statement_timeout shorter than that:
     # the five users' ORM INSERT is cancelled by the server, which is still up.
