@@ -6,6 +6,7 @@ on 127.0.0.1. Which PostgreSQL it runs is local_cluster's choice: set PG_BINDIR 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -127,6 +128,51 @@ def run_in_process(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_p
         return sharding_demo.run(sharding_demo.DemoSettings(**settings))  # type: ignore[arg-type]
 
     return run
+
+
+# Run the demo's main() as `python sharding_demo.py` does, with every Python function call in any thread noted
+# (sys.setprofile), and print, as JSON, the first line of each function of sharding_demo.py that ran.
+PROFILED_MAIN = """
+import json, sys, threading
+import sharding_demo
+called = set()
+def profile(frame, event, arg):
+    if event == "call" and frame.f_code.co_filename == sharding_demo.__file__:
+        called.add((frame.f_code.co_qualname, frame.f_code.co_firstlineno))
+threading.setprofile(profile)
+sys.setprofile(profile)
+code = sharding_demo.main(sys.argv[1:])
+sys.setprofile(None)
+print(json.dumps(sorted(called)), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def functions_outside_the_lesson(cluster: LocalCluster, *arguments: str) -> list[tuple[str, int]]:
+    """The functions of sharding_demo.py that a run executes and that are defined neither in the lesson (the top of
+    the file, down to "The lesson ends here") nor in appendix A (the hash), the one place the lesson sends you."""
+    lines = DEMO.read_text().splitlines()
+
+    def line_of(marker: str) -> int:
+        return next(number for number, line in enumerate(lines, start=1) if line.startswith(marker))
+
+    lesson_end, appendix_a, appendix_b = (
+        line_of(marker) for marker in ("# The lesson ends here", "# ======== Appendix A.", "# ======== Appendix B.")
+    )
+    with tempfile.TemporaryDirectory(prefix="demo-cwd-") as empty_folder:  # no .env
+        result = subprocess.run(
+            [sys.executable, "-c", PROFILED_MAIN, *arguments],
+            env=clean_environment() | cluster.demo_environment() | {"PYTHONPATH": str(PROJECT_DIR)},
+            cwd=empty_folder,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    called = [(name, line) for name, line in json.loads(result.stderr.splitlines()[-1])]
+    assert ("run", line_of("def run(")) in called  # the profile saw the run
+    return [(name, line) for name, line in called if line > lesson_end and not appendix_a < line < appendix_b]
 
 
 def count_on(node: PostgresNode, database: str = "postgres") -> int:

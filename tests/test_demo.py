@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import sharding_demo
-from conftest import connect, database_with, run_demo
+from conftest import connect, database_with, functions_outside_the_lesson, run_demo
 from local_cluster import LocalCluster
 
 
@@ -271,3 +271,9 @@ def test_a_first_user_whose_id_is_not_a_uuidv7_is_not_given_a_time(cluster: Loca
     text = sharding_demo.render_text(report)
     assert "User: Hand (ID: 00000000-0000-4000-8000-000000000000, not a UUIDv7, so no creation time to read)" in text
     assert "the oldest user" not in text and "decoded from the UUIDv7" not in text
+
+
+def test_the_default_run_executes_only_the_lesson_and_the_hash_appendix(cluster: LocalCluster) -> None:
+    # The file's promise to a reader: following the default run, you never leave the lesson, except for
+    # appendix A. Error handling, the bulk path, JSON and the flags run only when their case arises.
+    assert functions_outside_the_lesson(cluster) == []

@@ -109,9 +109,7 @@ def test_a_replica_that_answers_the_wait_with_an_error_is_not_called_unreachable
             return False
 
     assert wait_until(replicated, timeout=30)
-    result = run_demo(
-        cluster, "--json", env=settings | {"REPLICA_ONE_USER": "no_control", "REPLICA_ONE_PASSWORD": "x"}
-    )
+    result = run_demo(cluster, "--json", env=settings | {"REPLICA_ONE_USER": "no_control", "REPLICA_ONE_PASSWORD": "x"})
     assert result.returncode == 0, result.stderr
     [skip] = json.loads(result.stdout)["skipped"]
     assert skip["replica"] == "replica-one" and skip["when"] == "waited for"

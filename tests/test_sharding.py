@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 import sharding_demo
-from conftest import PROJECT_DIR, docker_compose, run_demo, start_demo, wait_until
+from conftest import PROJECT_DIR, docker_compose, functions_outside_the_lesson, run_demo, start_demo, wait_until
 from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base
 
 COORDINATOR_PASSWORD = "coordinator-secret-7b1f"  # so that the tests can look for it in every log
@@ -505,3 +505,8 @@ def test_the_compose_profile_adds_two_shards_as_the_launcher_starts_them() -> No
         assert "cluster_name=" + name in service["command"]
     # The default layout starts without them: compose leaves a service with a profile out.
     assert "profiles" not in services["master-db"]
+
+
+def test_a_five_user_run_on_the_sharded_layout_stays_in_the_lesson(sharded: LocalCluster) -> None:
+    # As on the default layout: the lesson and appendix A carry the whole run, the shards' proof included.
+    assert functions_outside_the_lesson(sharded) == []
