@@ -507,11 +507,14 @@ def commit(
     WAL. Until the COMMIT a failure rolls everything back; after it the users are in the table; a
     failure *during* it says what it knows (appendix D). PostgreSQL has no two-phase commit through
     postgres_fdw: if one shard refuses the COMMIT, another may have committed already."""
-    stage = "before"
+    stage, xid = "before", None
     with Session(primary.engine) as session:
         try:
             session.begin()
             session.execute(COMMIT_WRITTEN)
+            # The transaction's id. If no answer to the COMMIT comes back, a new connection can ask the
+            # primary, with pg_xact_status(), whether it committed (appendix D).
+            xid = session.scalar(text("SELECT CAST(pg_current_xact_id() AS text)"))
             write(session)
             session.flush()  # send the INSERTs now, inside the transaction
             stage = "during"
@@ -524,7 +527,8 @@ def commit(
             # Close the connection without a ROLLBACK (it may be dead): the server rolls back an
             # open transaction whose connection goes away.
             session.invalidate()
-            raise failure_of_the_write(Written(ids, predicted, method, primary, "unknown"), stage, error) from None
+            written = Written(ids, predicted, method, primary, "unknown")
+            raise failure_of_the_write(written, stage, error, xid) from None
     return Written(ids, predicted, method, primary, commit_lsn)
 
 
@@ -1101,12 +1105,12 @@ class ExitCode(IntEnum):
     meaning: str
     OK = 0, "success, also when a replica was left out (the report says which, and why)"
     CONFIG = 2, "an invalid setting or flag (the message names it), or a .env that cannot be read"
-    PRIMARY_LOST = 3, "the primary cannot be reached, was lost or stopped answering before the commit: nothing written"
+    PRIMARY_LOST = 3, "the primary cannot be reached, was lost or stopped answering, and nothing was written"
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
-    COMMIT_UNKNOWN = 8, "unknown outcome: the primary was lost in the COMMIT, or a shard uncounted after one refused"
+    COMMIT_UNKNOWN = 8, "the outcome is unknown: the COMMIT's answer was lost, or a shard could not be counted"
     SHARD_DOWN = 9, "a shard was unreachable, lacked its own tables, or stopped before the commit: nothing was written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
@@ -1461,7 +1465,7 @@ def wait_for_commits_in_flight(shard: Server) -> bool:
     return True
 
 
-def failure_of_the_write(written: Written, stage: str, error: BaseException) -> DemoError:
+def failure_of_the_write(written: Written, stage: str, error: BaseException, xid: str | None) -> DemoError:
     """Before the COMMIT nothing was written; during it the outcome is unknown; after it, say what was."""
     primary = written.primary
     if stage == "after":
@@ -1494,15 +1498,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException) -> 
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
         return CommitRefused(primary, written.ids, error)
     if stage == "during":
-        what = (
-            str(interrupted(error, "during the COMMIT"))
-            if isinstance(error, KeyboardInterrupt)
-            else f"lost {primary.service} during the COMMIT ({cause(primary, error)})"
-        )
-        message = f"{what}: whether the {written.users:,} users were committed is unknown"
-        return DemoError(
-            f"{message}; count the rows of tbl_users on the primary before running again", ExitCode.COMMIT_UNKNOWN
-        )
+        return outcome_of_the_commit(written, error, xid)
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, "before the commit: nothing was written")
     if sqlstate(error) == "57014":
@@ -1533,6 +1529,44 @@ def waited_for_standbys(primary: Server) -> str | None:
             return connection.scalar(WAITING_FOR_STANDBYS, {"pid": pid})
     except DATABASE_ERRORS:
         return None
+
+
+# What became of a transaction, by its id: 'committed', 'aborted' or 'in progress' (from the commit log, pg_xact).
+XACT_STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+
+
+def outcome_of_the_commit(written: Written, error: BaseException, xid: str | None) -> DemoError:
+    """The COMMIT was sent, and its answer never came: the connection was lost, or the run interrupted (psycopg then
+    cancels the statement, and the COMMIT may still complete). PostgreSQL's answer to this case is pg_xact_status():
+    ask the primary, on a new connection, what became of the transaction. A coordinator commits on its shards before
+    itself, and only if all of them did; so if its own part was rolled back, a shard may still have kept some."""
+    primary = written.primary
+    if isinstance(error, KeyboardInterrupt):  # told with the signal's exit code, if the outcome is known
+        interruption = interrupted(error, "during the COMMIT")
+        what, exit_code = str(interruption), interruption.exit_code
+    else:
+        what, exit_code = f"lost {primary.service} during the COMMIT ({cause(primary, error)})", None
+    status = None
+    try:
+        with primary.engine.connect() as connection:
+            status = connection.scalar(XACT_STATUS, {"xid": xid})
+    except (KeyboardInterrupt, *DATABASE_ERRORS):  # a primary that does not answer: the outcome stays unknown
+        pass
+    sharded = any(isinstance(each.settings, SHARD_SETTINGS) for each in primary.watchdog.servers.values())
+    said = f"{primary.service} says its transaction {xid} is '{status}' (pg_xact_status)"
+    if status == "committed":
+        kept = f"the {written.users:,} users were committed and stay in the table; do not run again to retry them"
+        return DemoError(f"{what}, but {said}: {kept}", exit_code or ExitCode.AFTER_COMMIT)
+    if status == "aborted" and not sharded:
+        return DemoError(f"{what}, but {said}: nothing was written", exit_code or ExitCode.PRIMARY_LOST)
+    if status == "aborted":
+        why = f"{said}, but a shard may have committed its part before"
+    elif status is None:
+        why = f"{primary.service} could not be asked"
+    else:
+        why = said
+    message = f"{what}: whether the {written.users:,} users were committed is unknown ({why})"
+    return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
 
 
 def failure_after_commit(written: Written, error: BaseException) -> DemoError:

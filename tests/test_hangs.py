@@ -9,6 +9,7 @@ took against its bound, and the rows on every server afterwards.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -213,6 +214,109 @@ def test_a_commit_that_waits_for_a_synchronous_standby_is_told_as_committed() ->
             primary.execute("ALTER SYSTEM RESET synchronous_standby_names")  # which ends the wait
             primary.execute("SELECT pg_reload_conf()")
         assert wait_until(lambda: count_on(cluster.primary) == 5)
+
+
+def demo_backend_waiting_in(node: PostgresNode, wait_event: str) -> int:
+    """The pid of the demo's server process on `node` once it waits in `wait_event` (SyncRep, PgSleep)."""
+    found: list[int] = []
+
+    def waiting() -> bool:
+        with connect(node) as connection:
+            found[:] = [
+                pid
+                for (pid,) in connection.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'sharding_demo' AND wait_event = %s",
+                    [wait_event],
+                )
+            ]
+        return bool(found)
+
+    assert wait_until(waiting, timeout=60, interval=0.02), f"no demo process waiting in {wait_event}"
+    return found[0]
+
+
+OUTCOME = (
+    r"sharding_demo.py: error: (?P<what>.*), "
+    r"but master-db says its transaction \d+ is '(?P<status>\w+)' \(pg_xact_status\): (?P<rest>.*)"
+)
+
+
+def test_a_commit_whose_answer_never_came_is_told_by_pg_xact_status() -> None:
+    # While COMMIT waits for a synchronous standby it has already committed on the primary. Ctrl-C (psycopg
+    # cancels the wait) and a terminated server process each take the answer away; the demo asks the primary,
+    # on a new connection, what became of its transaction. (A cluster of its own, as above.)
+    committed = "the 5 users were committed and stay in the table; do not run again to retry them"
+    with LocalCluster(port_base=free_port_base()) as cluster:
+        with connect(cluster.primary) as primary:
+            primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.execute("SELECT pg_reload_conf()")
+        for replica in cluster.replicas:
+            replica.stop()
+
+        demo = start_demo(cluster, env={"DEMO_STALL_TIMEOUT": "60"})
+        demo_backend_waiting_in(cluster.primary, "SyncRep")
+        demo.send_signal(signal.SIGINT)
+        _, stderr = demo.communicate(timeout=60)
+        assert demo.returncode == 130, stderr
+        [line] = errors_of(stderr)
+        told = re.fullmatch(OUTCOME, line)
+        assert told, line
+        assert (told["what"], told["status"], told["rest"]) == (
+            "interrupted (Ctrl-C) during the COMMIT",
+            "committed",
+            committed,
+        )
+        assert count_on(cluster.primary) == 5  # the cancel ended the wait: every session sees them
+
+        demo = start_demo(cluster, env={"DEMO_STALL_TIMEOUT": "60"})
+        pid = demo_backend_waiting_in(cluster.primary, "SyncRep")
+        with connect(cluster.primary) as primary:
+            primary.execute("SELECT pg_terminate_backend(%s)", [pid])
+        _, stderr = demo.communicate(timeout=60)
+        assert demo.returncode == 6, stderr
+        [line] = errors_of(stderr)
+        told = re.fullmatch(OUTCOME, line)
+        assert told, line
+        assert told["what"].startswith("lost master-db during the COMMIT (") and told["status"] == "committed"
+        assert told["rest"] == committed
+        assert count_on(cluster.primary) == 10
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "terminated"])
+def test_a_commit_rolled_back_without_an_answer_is_told_as_nothing_written(cluster: LocalCluster, how: str) -> None:
+    # A deferred constraint trigger runs inside COMMIT, before the commit is written; this one sleeps. The demo's
+    # COMMIT is cancelled there by Ctrl-C, or its server process terminated: the transaction is rolled back, and the
+    # primary says so when asked.
+    settings = database_with(
+        cluster,
+        "slow_commit",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 0)",
+        "CREATE TABLE tbl_users_p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$",
+        *(
+            f"CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON tbl_users_p{n} DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW EXECUTE FUNCTION slow()"
+            for n in range(2)
+        ),
+    )
+    demo = start_demo(cluster, env=settings | {"DEMO_STALL_TIMEOUT": "120"})
+    pid = demo_backend_waiting_in(cluster.primary, "PgSleep")
+    if how == "Ctrl-C":
+        demo.send_signal(signal.SIGINT)
+    else:
+        with connect(cluster.primary) as primary:
+            primary.execute("SELECT pg_terminate_backend(%s)", [pid])
+    _, stderr = demo.communicate(timeout=60)
+    [line] = errors_of(stderr)
+    told = re.fullmatch(OUTCOME, line)
+    assert told, line
+    assert (told["status"], told["rest"]) == ("aborted", "nothing was written")
+    if how == "Ctrl-C":
+        assert demo.returncode == 130 and told["what"] == "interrupted (Ctrl-C) during the COMMIT", stderr
+    else:
+        assert demo.returncode == 3 and told["what"].startswith("lost master-db during the COMMIT ("), stderr
+    assert count_on(cluster.primary, "slow_commit") == 0
 
 
 def test_sigterm_before_the_commit_says_nothing_was_written(cluster: LocalCluster) -> None:
