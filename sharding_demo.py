@@ -463,8 +463,9 @@ class ReadWriteRouter:
                     identity = session.execute(text(IDENTITY)).one()  # who answered, in the same transaction
             except DATABASE_ERRORS as error:
                 # An error it answered (say, passed on from a shard), or a shard that stopped while this replica
-                # waited on it (appendix D): no other replica would do better.
-                if server is self.primary or answered(error) or shard_that_stopped(server):
+                # waited on it (appendix D): no other replica would do better. A recovery conflict is this replica's.
+                elsewhere_too = answered(error) and sqlstate(error) != RECOVERY_CONFLICT
+                if server is self.primary or elsewhere_too or shard_that_stopped(server):
                     raise
                 leave_out(self, server, replica_failure(server, error), when="during the reads")  # appendix D
                 continue
@@ -1222,6 +1223,11 @@ def answered(error: BaseException) -> bool:
     code = sqlstate(error)
     invalidated = isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
     return code is not None and not invalidated and not code.startswith(CONNECTING)
+
+
+# A hot standby cancels a read that holds up its replay of the WAL (a lock or a snapshot that a replayed change
+# conflicts with) once max_standby_streaming_delay has passed: a "recovery conflict". Another replica may answer.
+RECOVERY_CONFLICT = "40001"  # serialization_failure, "canceling statement due to conflict with recovery"
 
 
 def sqlstate(error: BaseException) -> str | None:

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -387,6 +388,54 @@ def test_a_replica_promoted_mid_run_is_refused_and_named(
     assert all(answer.server.service == "replica-two" for answer in report.contents[1:])
     assert not sharding_demo.primary_served_reads(report)
     assert "no replica left" not in sharding_demo.render_text(report)
+
+
+def test_a_read_cancelled_by_a_recovery_conflict_is_tried_on_the_other_replica(
+    cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hot standby cancels a read that holds up its replay: here a lock on tbl_users_p0, held by a long read on a
+    # third standby (which REPLICA_ONE_* points at) that replays an ACCESS EXCLUSIVE lock from the primary at once
+    # (max_standby_streaming_delay = 0). The read is this standby's problem, not the data's: replica-two answers it.
+    extra = cluster.add_standby("replica-conflict", free_port_base(1), "replica_conflict")
+    extra.execute("ALTER SYSTEM SET max_standby_streaming_delay = 0")
+    extra.execute("SELECT pg_reload_conf()")
+    original = sharding_demo.partition_contents
+    conflicted: list[str] = []
+
+    def lock_on_the_primary() -> None:
+        time.sleep(0.5)  # while the read below sleeps, holding its lock on tbl_users_p0
+        with connect(cluster.primary) as primary, primary.transaction():
+            primary.execute("LOCK TABLE tbl_users_p0 IN ACCESS EXCLUSIVE MODE")
+
+    def a_long_read_of_the_first_partition(session: Any, partition: Any, show: int) -> Any:
+        result = original(session, partition, show)
+        if partition.name == "tbl_users_p0" and session.get_bind().url.port == extra.port and not conflicted:
+            conflicted.append("asked")
+            locker = threading.Thread(target=lock_on_the_primary)
+            locker.start()
+            try:
+                session.execute(sharding_demo.text("SELECT pg_sleep(5)"))
+            finally:
+                locker.join()
+        return result
+
+    monkeypatch.setattr(sharding_demo, "partition_contents", a_long_read_of_the_first_partition)
+    try:
+        report = run_in_process(env={"REPLICA_ONE_PORT": str(extra.port)}, read_policy="round-robin")
+    finally:
+        extra.stop()
+        cluster.nodes.remove(extra)
+        with connect(cluster.primary) as primary:
+            primary.execute("SELECT pg_drop_replication_slot('replica_conflict')")
+
+    assert conflicted
+    [skip] = report.skipped
+    assert (skip.replica.service, skip.when) == ("replica-one", "during the reads")
+    assert (
+        skip.reason == "answered the demo's question with an error: canceling statement due to conflict with recovery"
+    )
+    assert report.contents[0].server.service == "replica-two"
+    assert not sharding_demo.primary_served_reads(report)
 
 
 # ------------------------------------------------------------------------------------------------
