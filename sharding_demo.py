@@ -294,7 +294,6 @@ class Watchdog:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
         self.watched: dict[Any, tuple[Server, float | None]] = {}  # psycopg connection: (server, busy since)
         self.gave_up_on: dict[str, str] = {}  # the services it cut off, and why
-        self.cut_off_backends: dict[str, int] = {}  # by service: the server process (pid) it was talking to
         self.servers: dict[str, Server] = {}  # every server it has watched, by service
         self.last_progress, self.lock = time.monotonic(), threading.Lock()
         threading.Thread(target=self.look, daemon=True).start()
@@ -1176,15 +1175,14 @@ def stopped(error: BaseException, report: Report | None) -> int:
 
 
 def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[Any], now: float) -> None:
-    """Note why the watchdog gives up on a server (silent for too long, or past the catch-up wait's deadline) and
-    the server process it talked to; then shutdown(2) the connection's socket, through a duplicate of its file
-    descriptor: the call waiting on it returns at once with an error. (suppress: libpq may have closed it.)"""
+    """Note why the watchdog gives up on a server (silent for too long, or past the catch-up wait's deadline), then
+    shutdown(2) the connection's socket, through a duplicate of its file descriptor: the call waiting on it returns
+    at once with an error. (suppress: libpq may have closed it.)"""
     why = f"nothing for {watchdog.stall_timeout:g} s" if now <= watchdog.deadline else "nothing by the deadline"
     watchdog.gave_up_on[server.service] = f"stopped answering ({why})"
-    with suppress(OSError, psycopg.Error):  # nothing may stop the watchdog's thread
-        watchdog.cut_off_backends[server.service] = connection.info.backend_pid
-        with socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
-            duplicate.shutdown(socket.SHUT_RDWR)
+    # nothing may stop the watchdog's thread
+    with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
+        duplicate.shutdown(socket.SHUT_RDWR)
 
 
 def shard_that_stopped(server: Server) -> Server | None:
@@ -1476,11 +1474,10 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
     primary = written.primary
     if stage == "after":
         return failure_after_commit(written, error)
-    shard, standbys = None, None
+    shard = None
     if not isinstance(error, KeyboardInterrupt):
-        try:  # who stopped answering: a shard that master-db waited on? Or does master-db wait for a standby?
+        try:  # who stopped answering: a shard that master-db waited on?
             shard = shard_that_stopped(primary)
-            standbys = waited_for_standbys(primary) if stage == "during" and shard is None else None
         except KeyboardInterrupt as interruption:  # while it asks: told below, as an interruption at this stage
             error = interruption
     if shard:
@@ -1490,16 +1487,6 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
             return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
         return DemoError(
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
-        )
-    if standbys is not None:
-        stall = primary.watchdog.stall_timeout
-        waited = f"(synchronous_standby_names = '{standbys}') to confirm it, and none did in {stall:g} s"
-        return DemoError(
-            f"{primary.service} ({primary.address}) wrote the COMMIT, then waited for a synchronous standby {waited}: "
-            f"the {written.users:,} users are committed there, and other sessions see them once a standby confirms "
-            "or the wait is cancelled; "
-            "do not run again to retry them",
-            ExitCode.AFTER_COMMIT,
         )
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
         return CommitRefused(primary, written.ids, error)
@@ -1516,29 +1503,14 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
     return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
 
 
-# Does this server process wait for a synchronous standby to confirm its COMMIT? It waits only once the commit is
-# written and flushed on the primary (RecordTransactionCommit, in src/backend/access/transam/xact.c), and the other
-# sessions see the transaction only once the wait is over.
-WAITING_FOR_STANDBYS = text(
-    "SELECT current_setting('synchronous_standby_names') FROM pg_stat_activity"
-    " WHERE pid = :pid AND wait_event = 'SyncRep'"
-)
-
-
-def waited_for_standbys(primary: Server) -> str | None:
-    """synchronous_standby_names, if the watchdog cut the primary's COMMIT off while it waited for those standbys."""
-    pid = primary.watchdog.cut_off_backends.get(primary.service)
-    if pid is None:
-        return None
-    try:
-        with primary.engine.connect() as connection:
-            return connection.scalar(WAITING_FOR_STANDBYS, {"pid": pid})
-    except DATABASE_ERRORS:
-        return None
-
-
-# What became of a transaction, by its id: 'committed', 'aborted' or 'in progress' (from the commit log, pg_xact).
-XACT_STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+# What became of a transaction, by its id: 'committed', 'aborted' or 'in progress' (from the commit log, pg_xact);
+# and the synchronous standbys its server process still waits for, if it does. A COMMIT waits for them only once it
+# is written and flushed on the primary (RecordTransactionCommit, in src/backend/access/transam/xact.c); until the
+# wait is over, other sessions do not see the transaction, and pg_xact_status() says 'in progress'.
+XACT_STATUS = text("""
+    SELECT pg_xact_status(CAST(:xid AS xid8)), (
+        SELECT current_setting('synchronous_standby_names') FROM pg_stat_activity
+        WHERE backend_xid = xid(CAST(:xid AS xid8)) AND wait_event = 'SyncRep')""")
 
 
 def outcome_of_the_commit(written: Written, error: BaseException, xid: str | None) -> DemoError:
@@ -1552,12 +1524,20 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
         what, exit_code = str(interruption), interruption.exit_code
     else:
         what, exit_code = f"lost {primary.service} during the COMMIT ({cause(primary, error)})", None
-    status = None
+    status, standbys = None, None
     try:
         with primary.engine.connect() as connection:
-            status = connection.scalar(XACT_STATUS, {"xid": xid})
+            status, standbys = connection.execute(XACT_STATUS, {"xid": xid}).one()
     except (KeyboardInterrupt, *DATABASE_ERRORS):  # a primary that does not answer: the outcome stays unknown
         pass
+    if standbys is not None:
+        return DemoError(
+            f"{primary.service} ({primary.address}) wrote the COMMIT of transaction {xid}, and still waits for a "
+            f"synchronous standby (synchronous_standby_names = '{standbys}') to confirm it: the {written.users:,} "
+            "users are committed there, and other sessions see them once a standby confirms or the wait is "
+            "cancelled; do not run again to retry them",
+            exit_code or ExitCode.AFTER_COMMIT,
+        )
     sharded = any(isinstance(each.settings, SHARD_SETTINGS) for each in primary.watchdog.servers.values())
     said = f"{primary.service} says its transaction {xid} is '{status}' (pg_xact_status)"
     if status == "committed":
