@@ -268,12 +268,18 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
     engine = create_engine(
         url,
         # Without this, SQLAlchemy looks up the hstore type when an engine first connects: noise in
-        # the statement logs you are invited to read. application_name shows in those logs.
+        # the statement logs you are invited to read.
         use_native_hstore=False,
         # Each transaction names its level, so that a default of 'serializable' (ALTER DATABASE ... SET
         # default_transaction_isolation, say), which a hot standby refuses, cannot fail the demo's questions.
         isolation_level="READ COMMITTED",
-        connect_args={"application_name": "sharding_demo", "connect_timeout": connect_timeout},
+        connect_args={
+            "application_name": "sharding_demo",  # shows in those logs, and in pg_stat_activity
+            "connect_timeout": connect_timeout,
+            # The demo asks each server what it is itself: a PGTARGETSESSIONATTRS in the environment must
+            # not have libpq turn a replica away first ("session is read-only").
+            "target_session_attrs": "any",
+        },
     )
     server = Server(settings.service, f"{settings.host}:{settings.port}", settings, engine, watchdog)
     event.listen(engine, "connect", lambda connection, _: watchdog.watch(connection, server))

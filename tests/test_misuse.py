@@ -418,10 +418,19 @@ def test_a_large_run_keeps_the_replica_s_statement_log_short(cluster: LocalClust
     assert result.stderr.splitlines()[0] == "sharding_demo.py: made the ids of 20,000 of 200,000 users"
 
 
-def test_a_serializable_default_does_not_keep_the_replicas_out(cluster: LocalCluster) -> None:
-    # A hot standby refuses serializable transactions. The demo names its isolation level itself, so
-    # a session default of serializable (here from PGOPTIONS, which libpq reads) changes nothing.
-    result = run_demo(cluster, "--json", env={"PGOPTIONS": "-c default_transaction_isolation=serializable"})
+@pytest.mark.parametrize(
+    "environment",
+    [
+        # A hot standby refuses serializable transactions; the demo names its isolation level itself.
+        {"PGOPTIONS": "-c default_transaction_isolation=serializable"},
+        # libpq would turn a standby away ("session is read-only"); the demo asks each server itself.
+        {"PGTARGETSESSIONATTRS": "read-write"},
+    ],
+)
+def test_libpq_session_defaults_do_not_keep_the_replicas_out(
+    cluster: LocalCluster, environment: dict[str, str]
+) -> None:
+    result = run_demo(cluster, "--json", env=environment)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["skipped"] == [] and len(report["catchup"]) == 2
