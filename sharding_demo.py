@@ -71,14 +71,8 @@ class DatabaseSettings(BaseSettings):
     def as_meant(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, str):
             return value
-        if "\x00" in value:  # libpq's strings end there: the rest would be lost
-            raise ValueError("contains a NUL byte, which a PostgreSQL connection cannot carry")
-        try:
-            value.encode()
-        except UnicodeEncodeError as error:  # a byte that is not UTF-8 reaches Python as U+DC80..U+DCFF
-            code = ord(value[error.start])
-            byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else repr(value[error.start])
-            raise ValueError(f"is not UTF-8 text ({byte}), so it cannot be sent to the server") from None
+        if not value.isprintable():  # a NUL byte, or one that is not UTF-8, is refused (appendix E)
+            refuse_if_unsendable(value)
         # "localhost " from a sloppy .env line means "localhost"; a password is kept as it is.
         return value if info.field_name == "password" else value.strip()
 
@@ -1640,6 +1634,18 @@ def to_check(settings: DatabaseSettings, *names: str) -> str:
     if len(variables) == 1:
         return f"check {variables[0]}"
     return f"check {', '.join(variables[:-1])} and {variables[-1]}"
+
+
+def refuse_if_unsendable(value: str) -> None:
+    """A setting that cannot reach the server as it is written: with a NUL byte, or with a byte that is not UTF-8."""
+    if "\x00" in value:  # libpq's strings end there: the rest would be lost
+        raise ValueError("contains a NUL byte, which a PostgreSQL connection cannot carry")
+    try:
+        value.encode()
+    except UnicodeEncodeError as error:  # a byte that is not UTF-8 reaches Python as U+DC80..U+DCFF
+        code = ord(value[error.start])
+        byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else repr(value[error.start])
+        raise ValueError(f"is not UTF-8 text ({byte}), so it cannot be sent to the server") from None
 
 
 def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str, Any]) -> DemoError:
