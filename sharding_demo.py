@@ -1110,7 +1110,10 @@ class ExitCode(IntEnum):
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
-    COMMIT_UNKNOWN = 8, "the outcome is unknown: the COMMIT's answer was lost, or a shard could not be counted"
+    COMMIT_UNKNOWN = (
+        8,
+        "unknown outcome: the COMMIT's answer was lost and the primary cannot say, or a shard not counted",
+    )
     SHARD_DOWN = 9, "a shard was unreachable, lacked its own tables, or stopped before the commit: nothing was written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
