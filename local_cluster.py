@@ -420,11 +420,12 @@ class PostgresNode:
         self.running = True
 
     def stop(self) -> None:
-        """Fast shutdown: roll back open transactions, checkpoint, exit."""
-        if self.running:
+        """Fast shutdown: roll back open transactions, checkpoint, exit. A server stopped by hand already (pg_ctl stop,
+        as docs/failures.md does to a replica) has no postmaster.pid left: nothing to do."""
+        if self.running and (self.data_dir / "postmaster.pid").exists():
             self.resume()  # a paused server cannot shut down
             self.run("pg_ctl", "stop", f"--pgdata={self.data_dir}", "--mode=fast", "--wait", "--timeout=60")
-            self.running = False
+        self.running = False
 
     def processes(self) -> list[int]:
         """The postmaster's process id and its children's (its backends and helpers)."""

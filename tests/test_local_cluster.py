@@ -63,6 +63,17 @@ def test_command_line_starts_streams_prints_exports_and_cleans_up_on_sigterm() -
     assert all(port_is_free(base + offset) for offset in range(3))
 
 
+def test_a_replica_stopped_by_hand_is_no_error_when_the_cluster_stops() -> None:
+    # docs/failures.md stops replica-one with pg_ctl to show the demo leaving it out; stopping the cluster
+    # afterwards (Ctrl-C) must still stop the rest and delete everything, without an error.
+    cluster = local_cluster.LocalCluster(port_base=free_port_base())
+    with cluster:
+        replica = cluster.replicas[0]
+        replica.run("pg_ctl", "stop", f"--pgdata={replica.data_dir}", "--mode=fast", "--wait")
+    assert not cluster.base_dir.exists()
+    assert all(port_is_free(cluster.port_base + offset) for offset in range(3))
+
+
 def test_refuses_ports_in_use(cluster: local_cluster.LocalCluster) -> None:
     result = subprocess.run(
         [sys.executable, str(PROJECT_DIR / "local_cluster.py"), "--port-base", str(cluster.primary.port)],
