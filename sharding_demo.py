@@ -1110,10 +1110,7 @@ class ExitCode(IntEnum):
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
-    COMMIT_UNKNOWN = (
-        8,
-        "unknown outcome: the COMMIT's answer was lost and the primary cannot say, or a shard not counted",
-    )
+    COMMIT_UNKNOWN = 8, "outcome unknown: COMMIT unanswered and the primary unable to say, or a shard not counted"
     SHARD_DOWN = 9, "a shard was unreachable, lacked its own tables, or stopped before the commit: nothing was written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
@@ -1473,7 +1470,7 @@ def wait_for_commits_in_flight(shard: Server) -> bool:
 
 
 def failure_of_the_write(written: Written, stage: str, error: BaseException, xid: str | None) -> DemoError:
-    """Before the COMMIT nothing was written; during it the outcome is unknown; after it, say what was."""
+    """Before the COMMIT nothing was written; during it, ask the primary what became of it; after it, say what was."""
     primary = written.primary
     if stage == "after":
         return failure_after_commit(written, error)
@@ -1534,13 +1531,15 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
     except (KeyboardInterrupt, *DATABASE_ERRORS):  # a primary that does not answer: the outcome stays unknown
         pass
     if standbys is not None:
-        return DemoError(
+        waits = (
             f"{primary.service} ({primary.address}) wrote the COMMIT of transaction {xid}, and still waits for a "
             f"synchronous standby (synchronous_standby_names = '{standbys}') to confirm it: the {written.users:,} "
             "users are committed there, and other sessions see them once a standby confirms or the wait is "
-            "cancelled; do not run again to retry them",
-            exit_code or ExitCode.AFTER_COMMIT,
+            "cancelled; do not run again to retry them"
         )
+        if exit_code is None:  # the connection was cut off (by the watchdog, say): master-db did not stop, it waits
+            return DemoError(waits, ExitCode.AFTER_COMMIT)
+        return DemoError(f"{what}; {waits}", exit_code)
     sharded = any(isinstance(each.settings, SHARD_SETTINGS) for each in primary.watchdog.servers.values())
     said = f"{primary.service} says its transaction {xid} is '{status}' (pg_xact_status)"
     if status == "committed":
