@@ -849,12 +849,16 @@ class IdBuffer(Sequence[bytes]):
     """Ids kept as one buffer of 16 bytes each: ids[n] is the n-th."""
 
     def __init__(self, buffer: bytes) -> None:
-        self.buffer = buffer
+        self.buffer, self.count = buffer, len(buffer) // 16
 
     def __len__(self) -> int:
-        return len(self.buffer) // 16
+        return self.count
 
     def __getitem__(self, number: int) -> bytes:  # type: ignore[override]
+        if number < 0:  # as a list does: ids[-1] is the last
+            number += self.count
+        if not 0 <= number < self.count:  # which also ends a for loop over the ids
+            raise IndexError(f"id {number} of {self.count}")
         return self.buffer[number * 16 : number * 16 + 16]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import connect
 from local_cluster import LocalCluster
-from sharding_demo import UUIDv7Maker, created_at
+from sharding_demo import IdBuffer, UUIDv7Maker, created_at
 
 
 def test_a_million_ids_carry_the_time_they_were_made_in_order() -> None:
@@ -61,3 +61,13 @@ def test_postgresql_18_reads_the_same_time_and_version(cluster: LocalCluster) ->
         assert server_version == 7
         assert server_time == created_at(user_id)
         assert server_time.tzinfo is not None and server_time.astimezone(UTC) <= datetime.now(UTC)
+
+
+def test_the_bulk_path_s_id_buffer_behaves_as_a_list_of_its_ids() -> None:
+    # It is a Sequence: a loop over it, `in` and ids[-1] must work as on a list (and end).
+    made = [UUIDv7Maker().new() for _ in range(3)]
+    ids = IdBuffer(b"".join(made))
+    assert list(ids) == made and len(ids) == 3
+    assert ids[-1] == made[2] and made[1] in ids and bytes(16) not in ids
+    with pytest.raises(IndexError):
+        ids[3]
