@@ -1239,10 +1239,16 @@ def sqlstate(error: BaseException) -> str | None:
 
 
 def one_line(error: BaseException) -> str:
-    """The useful line of a driver error, without SQLAlchemy's SQL echo and background link."""
+    """The useful line of a driver error, without SQLAlchemy's SQL echo and background link. When master-db could not
+    connect to a shard (postgres_fdw: 'could not connect to server "shard_two"', SQLSTATE 08001), why is in the
+    error's DETAIL (a wrong password for the coordinator's role, say): that is added, in brackets."""
     original = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(original).splitlines() if line.strip()]
-    return (lines[0] if lines else type(original).__name__).removeprefix("connection failed: ")
+    first = (lines[0] if lines else type(original).__name__).removeprefix("connection failed: ")
+    detail = getattr(getattr(original, "diag", None), "message_detail", None)
+    if sqlstate(error) == "08001" and detail:
+        return f"{first} ({detail.splitlines()[0]})"
+    return first
 
 
 def cause(server: Server, error: BaseException) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import sharding_demo
 from conftest import PROJECT_DIR, docker_compose, functions_outside_the_lesson, run_demo, start_demo, wait_until
@@ -339,6 +340,33 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
         "for master-db, unreachable: "
     )
     assert line.endswith("; nothing was written on any shard")
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def test_a_coordinator_that_cannot_log_in_to_a_shard_says_why(sharded: LocalCluster) -> None:
+    # The coordinator's password for shard-two changed on one side only (say, COORDINATOR_PASSWORD changed after
+    # the shard was made): master-db refuses the insert, and the reason postgres_fdw gives in its DETAIL is told.
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    shard_two = shard_of(sharded, "shard-two")
+
+    def set_the_coordinator_s_password(password: str) -> None:
+        with tcp(sharded.primary) as connection:
+            connection.execute("SET log_statement = 'none'")  # keep the password out of the log
+            connection.execute(
+                sql.SQL("ALTER USER MAPPING FOR PUBLIC SERVER shard_two OPTIONS (SET password {})").format(password)
+            )
+
+    set_the_coordinator_s_password("not-the-one")
+    try:
+        result = run_demo(sharded)
+    finally:
+        set_the_coordinator_s_password(COORDINATOR_PASSWORD)
+    assert result.returncode == 7, result.stderr
+    assert result.stderr.splitlines() == [
+        'sharding_demo.py: error: master-db refused the insert: could not connect to server "shard_two" '
+        f'(connection to server at "127.0.0.1", port {shard_two.port} failed: FATAL:  password authentication '
+        'failed for user "coordinator"); nothing was written'
+    ]
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
