@@ -1413,14 +1413,14 @@ def committed(written: Written) -> str:
 
 
 class CommitRefused(DemoError):
-    """The server answered the COMMIT with an error. On one server that rolls the transaction back. A
-    coordinator commits on each shard in turn (postgres_fdw has no two-phase commit), so one shard
-    may have committed before another refused: then the shards say who kept what."""
+    """The primary rolled its transaction back at the COMMIT: it answered the COMMIT with an error, or, asked after
+    the answer was lost, said so (`what` tells which). On one server nothing is then written. A coordinator commits
+    on each shard first (postgres_fdw has no two-phase commit), so one shard may have committed before another
+    refused, or before the coordinator was lost: then the shards say who kept what."""
 
-    def __init__(self, primary: Server, ids: Sequence[bytes], error: BaseException) -> None:
-        self.primary, self.ids, self.reason = primary, ids, one_line(error)
-        message = f"{primary.service} refused the COMMIT: {self.reason}; the transaction was rolled back"
-        super().__init__(f"{message}: nothing was written", ExitCode.REFUSED)
+    def __init__(self, primary: Server, ids: Sequence[bytes], what: str, exit_code: int = ExitCode.REFUSED) -> None:
+        self.primary, self.ids, self.what = primary, ids, what
+        super().__init__(f"{what}; the transaction was rolled back: nothing was written", exit_code)
 
     def explained(self, shards: Sequence[Server]) -> DemoError:
         """Read on each shard how many of this run's users it kept: none (nothing was written), some (partly
@@ -1444,7 +1444,7 @@ class CommitRefused(DemoError):
             kept_some, all_known = kept_some or count > 0, all_known and settled
             note = "" if settled else " so far (a transaction was still open there)"
             told.append(f"{shard.service} kept {count:,} of this run's {len(self.ids):,} users{note}")
-        refused, each = f"{self.primary.service} refused the COMMIT: {self.reason}", ", ".join(told)
+        refused, each = self.what, ", ".join(told)
         if kept_some:  # what a shard has committed stays, whatever the others did
             outcome = DemoError(
                 f"{refused}; partly committed, as read on each shard: {each}; those stay (postgres_fdw has no "
@@ -1452,7 +1452,7 @@ class CommitRefused(DemoError):
                 ExitCode.PARTLY_COMMITTED,
             )
         elif all_known:
-            outcome = DemoError(f"{self}; read on each shard: none kept any of this run's users", ExitCode.REFUSED)
+            outcome = DemoError(f"{self}; read on each shard: none kept any of this run's users", self.exit_code)
         else:
             message = f"{refused}; as read on each shard: {each}; whether any of them is kept is unknown"
             outcome = DemoError(f"{message}: count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
@@ -1501,7 +1501,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
         )
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
-        return CommitRefused(primary, written.ids, error)
+        return CommitRefused(primary, written.ids, f"{primary.service} refused the COMMIT: {one_line(error)}")
     if stage == "during":
         return outcome_of_the_commit(written, error, xid)
     if isinstance(error, KeyboardInterrupt):
@@ -1529,7 +1529,8 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
     """The COMMIT was sent, and its answer never came: the connection was lost, or the run interrupted (psycopg then
     cancels the statement, and the COMMIT may still complete). PostgreSQL's answer to this case is pg_xact_status():
     ask the primary, on a new connection, what became of the transaction. A coordinator commits on its shards before
-    itself, and only if all of them did; so if its own part was rolled back, a shard may still have kept some."""
+    itself, and only if all of them did; so if its own part was rolled back, a shard may still have kept some, and
+    the shards are counted (CommitRefused)."""
     primary = written.primary
     if isinstance(error, KeyboardInterrupt):  # told with the signal's exit code, if the outcome is known
         interruption = interrupted(error, "during the COMMIT")
@@ -1559,12 +1560,9 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
         return DemoError(f"{what}, but {said}: {kept}", exit_code or ExitCode.AFTER_COMMIT)
     if status == "aborted" and not sharded:
         return DemoError(f"{what}, but {said}: nothing was written", exit_code or ExitCode.PRIMARY_LOST)
-    if status == "aborted":
-        why = f"{said}, but a shard may have committed its part before"
-    elif status is None:
-        why = f"{primary.service} could not be asked"
-    else:
-        why = said
+    if status == "aborted":  # but a shard may have committed its part before: run() has them counted
+        return CommitRefused(primary, written.ids, f"{what}, but {said}", exit_code or ExitCode.PRIMARY_LOST)
+    why = f"{primary.service} could not be asked" if status is None else said  # 'in progress'
     message = f"{what}: whether the {written.users:,} users were committed is unknown ({why})"
     return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -284,6 +285,43 @@ def test_a_half_commit_that_cannot_be_counted_for_sure_says_so(
         assert result.returncode == 8, result.stderr
         assert kept == {"shard-one": 0, "shard-two": 0}
         assert line.endswith("whether any of them is kept is unknown: count the rows of tbl_users before running again")
+
+
+def test_a_coordinator_lost_during_its_commit_says_what_each_shard_kept(sharded: LocalCluster) -> None:
+    # With parallel_commit, master-db sends COMMIT to both shards at once: shard-one commits, shard-two sleeps in a
+    # deferred trigger. Then the demo's server process on master-db is terminated. Asked afterwards, master-db says
+    # its own part was rolled back ('aborted'), which says nothing of the shards': the demo counts on each.
+    shard_one, shard_two = shard_of(sharded, "shard-one"), shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    with at_commit(shard_two, "sleepy", "PERFORM pg_sleep(60); RETURN NULL;"):
+        demo = start_demo(sharded, "--users", "100", env={"DEMO_STALL_TIMEOUT": "2"})
+        with tcp(shard_two) as on_shard_two, tcp(sharded.primary) as on_master:
+
+            def sleeping() -> list[tuple[Any, ...]]:
+                return on_shard_two.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'").fetchall()
+
+            assert wait_until(lambda: bool(sleeping()), timeout=60, interval=0.02)
+            on_master.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'sharding_demo' AND query = 'COMMIT'"
+            )
+            _, stderr = demo.communicate(timeout=60)
+            for (pid,) in sleeping():  # its transaction is rolled back, not committed a minute later
+                on_shard_two.execute("SELECT pg_terminate_backend(%s)", [pid])
+    kept = {shard.name: len(ids_on(shard)) - before[shard.name] for shard in sharded.shards}
+
+    assert demo.returncode == 10, stderr
+    assert kept["shard-one"] > 0 and kept["shard-two"] == 0
+    [line] = stderr.splitlines()
+    assert re.fullmatch(
+        r"sharding_demo.py: error: lost master-db during the COMMIT \(.+\), but master-db says its transaction \d+ "
+        r"is 'aborted' \(pg_xact_status\); partly committed, as read on each shard: "
+        f"shard-one kept {kept['shard-one']:,} of this run's 100 users, "
+        r"shard-two kept 0 of this run's 100 users so far \(a transaction was still open there\); those stay "
+        r"\(postgres_fdw has no two-phase commit\), and tbl_users shows them",
+        line,
+    ), line
+    assert len(ids_on(shard_one)) == before["shard-one"] + kept["shard-one"]
 
 
 def test_an_interruption_while_the_shards_are_counted_says_the_outcome_is_unknown(sharded: LocalCluster) -> None:
