@@ -201,18 +201,20 @@ def run(settings: DemoSettings) -> Report:
                 router.read(lambda session, p=p: partition_contents(session, p, settings.show))
                 for p in facts.partitions
             ]
-            first_user = router.read(lambda session: session.scalar(select(User).order_by(User.id).limit(1)))
+            first = router.read(lambda session: session.scalar(select(User).order_by(User.id).limit(1)))
             pruning = router.read(lambda session: tables_read_by_queries(session, written.ids[0]))
+
+            # 7. report: everything above, in one value
+            return Report(
+                facts, written, catchup, landing, on_shards, contents, first, pruning, settings.show, router.skipped
+            )
         except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             raise failure_after_commit(written, error) from None
-
-        # 7. report: everything above, in one value
-        return Report(
-            facts, written, catchup, landing, on_shards, contents, first_user, pruning, settings.show, router.skipped
-        )
     finally:
-        for server in [primary, *replicas, *shards]:
-            server.engine.dispose()
+        # The run is over, one way or the other: a Ctrl-C while the connections close must not hide how it ended.
+        with suppress(KeyboardInterrupt):
+            for server in [primary, *replicas, *shards]:
+                server.engine.dispose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -523,13 +525,15 @@ def commit(
             # The commit record is written now: pg_current_wal_lsn(), the end of the WAL written so far, is at its end
             # or past it.
             commit_lsn = str(session.scalar(text("SELECT pg_current_wal_lsn()")))
+            # Give the connection back here, still inside this try: a Ctrl-C meanwhile is told as after the commit.
+            session.close()
+            return Written(ids, predicted, method, primary, commit_lsn)
         except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             # Close the connection without a ROLLBACK (it may be dead): the server rolls back an
             # open transaction whose connection goes away.
             session.invalidate()
             written = Written(ids, predicted, method, primary, "unknown")
             raise failure_of_the_write(written, stage, error, xid) from None
-    return Written(ids, predicted, method, primary, commit_lsn)
 
 
 # ======== Step 5. Wait for the replicas (read-your-writes) ======================================
