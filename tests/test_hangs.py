@@ -9,6 +9,7 @@ took against its bound, and the rows on every server afterwards.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy.engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -352,6 +354,31 @@ def test_sighup_after_the_commit_says_how_many_users_were_committed(cluster: Loc
     for replica in cluster.replicas:
         resume_replay(replica)
     assert counts_everywhere(cluster) == [before + 5] * 3
+
+
+def test_a_ctrl_c_as_the_connections_close_does_not_hide_a_finished_run(
+    cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last thing run() does is close its engines' connections, the primary's first (the wait closes only the
+    # replicas'). A Ctrl-C then (a real SIGINT, sent to this process as the primary's engine is disposed) must not
+    # turn a finished run into "interrupted before the insert".
+    before = count_on(cluster.primary)
+    dispose = sqlalchemy.engine.Engine.dispose
+    sent: list[bool] = []
+
+    def ctrl_c_then_dispose(engine: Any, *arguments: Any, **options: Any) -> None:
+        if engine.url.port == cluster.primary.port and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        dispose(engine, *arguments, **options)
+
+    monkeypatch.setattr(sqlalchemy.engine.Engine, "dispose", ctrl_c_then_dispose)
+    try:
+        report = run_in_process()
+    except KeyboardInterrupt:  # told by main() as "before the insert: nothing was written"
+        pytest.fail("the Ctrl-C escaped run(), with this run's 5 users committed")
+    assert sent
+    assert report.written.users == 5 and count_on(cluster.primary) == before + 5
 
 
 # ------------------------------------------------------------------------------------------------
