@@ -219,8 +219,8 @@ def run(settings: DemoSettings) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # psycopg and python-dotenv log some failures themselves; the demo tells each once, its own way.
-    for library in ("psycopg", "dotenv"):
+    # psycopg, SQLAlchemy and python-dotenv log some failures themselves; the demo tells each once, its own way.
+    for library in ("psycopg", "sqlalchemy", "dotenv"):
         logging.getLogger(library).disabled = True
     # SIGTERM (from `timeout`, systemd, `docker stop`, CI) and SIGHUP (a terminal closing) stop the
     # run as Ctrl-C does, and are told as truly: was anything committed? (appendix D)
@@ -241,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except (OSError, KeyboardInterrupt) as error:  # `| head`, a full disk, Ctrl-C, SIGTERM, SIGHUP
         return stopped(error, report)  # appendix D
+    finally:  # how the run ended is told: a signal from now on, as Python exits, would only print a traceback
+        for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(each, signal.SIG_IGN)
     return 0
 
 
