@@ -512,7 +512,7 @@ def commit(
     WAL. Until the COMMIT a failure rolls everything back; after it the users are in the table; a
     failure *during* it says what it knows (appendix D). PostgreSQL has no two-phase commit through
     postgres_fdw: if one shard refuses the COMMIT, another may have committed already."""
-    stage, xid = "before", None
+    stage, xid, commit_lsn = "before", None, "unknown"
     with Session(primary.engine) as session:
         try:
             session.begin()
@@ -535,7 +535,7 @@ def commit(
             # Close the connection without a ROLLBACK (it may be dead): the server rolls back an
             # open transaction whose connection goes away.
             session.invalidate()
-            written = Written(ids, predicted, method, primary, "unknown")
+            written = Written(ids, predicted, method, primary, commit_lsn)
             raise failure_of_the_write(written, stage, error, xid) from None
 
 
