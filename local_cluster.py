@@ -420,9 +420,12 @@ class PostgresNode:
         self.running = True
 
     def stop(self) -> None:
-        """Fast shutdown: roll back open transactions, checkpoint, exit. A server stopped by hand already (pg_ctl stop,
-        as docs/failures.md does to a replica) has no postmaster.pid left: nothing to do."""
-        if self.running and (self.data_dir / "postmaster.pid").exists():
+        """Fast shutdown: roll back open transactions, checkpoint, exit. Whether the server runs is what its
+        postmaster.pid says: one whose start was interrupted (Ctrl-C) may run all the same, and one stopped by
+        hand already (pg_ctl stop, as docs/failures.md does to a replica) has none left."""
+        pid_file = self.data_dir / "postmaster.pid"
+        # A negative pid is initdb's single-user backend, cut short by a Ctrl-C: it ends with initdb, not with pg_ctl.
+        if pid_file.exists() and not pid_file.read_text().startswith("-"):
             self.resume()  # a paused server cannot shut down
             self.run("pg_ctl", "stop", f"--pgdata={self.data_dir}", "--mode=fast", "--wait", "--timeout=60")
         self.running = False
@@ -596,8 +599,15 @@ class LocalCluster:
         threads = [threading.Thread(target=step, args=(node, delay), name=node.name) for node, delay in steps]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches this thread only. Let the others end their step first (each is bounded), so that
+            # stopping the cluster finds every server they started, and none runs on once its folder is deleted.
+            for thread in threads:
+                thread.join()
+            raise
         if errors:
             raise ClusterError("; ".join(str(error) for error in errors))
 
@@ -639,7 +649,12 @@ class LocalCluster:
                 node.stop()
             except ClusterError as error:
                 errors.append(str(error))
+        # A program cut short by a Ctrl-C (initdb's single-user backend) may still write there for a moment.
+        deadline = time.monotonic() + 10
         shutil.rmtree(self.base_dir, ignore_errors=True)
+        while self.base_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            shutil.rmtree(self.base_dir, ignore_errors=True)
         if errors:
             raise ClusterError("; ".join(errors))
 

@@ -74,6 +74,34 @@ def test_a_replica_stopped_by_hand_is_no_error_when_the_cluster_stops() -> None:
     assert all(port_is_free(cluster.port_base + offset) for offset in range(3))
 
 
+# The moment: the first file that appears, during the primary's initdb, and as a replica's server starts.
+@pytest.mark.parametrize("moment", ["master-db", "replica-one/postmaster.pid"])
+def test_ctrl_c_while_the_servers_start_leaves_none_running(moment: str) -> None:
+    # Ctrl-C reaches the launcher's main thread, while the replicas are cloned and started in threads of their own,
+    # or while initdb runs. Whatever had started must be stopped, and nothing left once the folder is deleted.
+    base = free_port_base()
+    process = subprocess.Popen(
+        [sys.executable, str(PROJECT_DIR / "local_cluster.py"), "--port-base", str(base)],
+        env=clean_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    first_line = process.stdout.readline()
+    data_dir = Path(re.search(r" in (/\S+)", first_line).group(1))  # type: ignore[union-attr]
+    deadline = time.monotonic() + 60
+    while not (data_dir / moment).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert not data_dir.exists()
+    servers = subprocess.run(["pgrep", "-f", f"postgres -D {data_dir}"], capture_output=True, text=True, check=False)
+    assert servers.stdout == "", servers.stdout
+    assert all(port_is_free(base + offset) for offset in range(3))
+
+
 def test_refuses_ports_in_use(cluster: local_cluster.LocalCluster) -> None:
     result = subprocess.run(
         [sys.executable, str(PROJECT_DIR / "local_cluster.py"), "--port-base", str(cluster.primary.port)],
