@@ -751,7 +751,7 @@ def render_text(report: Report) -> str:
 
 # ================================================================================================
 # The lesson ends here. Appendix A is the one place it sends you; B to E run only when their case
-# arises: more than 100 users, --json, a failure, flags, a .env file, a sharded layout.
+# arises: more than 100 users, --json, a failure, flags, a .env file. (A sharded run stays up here too.)
 # ================================================================================================
 
 
