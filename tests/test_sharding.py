@@ -396,7 +396,9 @@ def test_a_coordinator_that_cannot_log_in_to_a_shard_says_why(sharded: LocalClus
 
     set_the_coordinator_s_password("not-the-one")
     try:
-        result = run_demo(sharded)
+        # 50 users, so that some land on shard-two (all five of five would miss it one run in 32): the insert
+        # needs it, and fails before the commit.
+        result = run_demo(sharded, "--users", "50")
     finally:
         set_the_coordinator_s_password(COORDINATOR_PASSWORD)
     assert result.returncode == 7, result.stderr
