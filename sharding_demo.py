@@ -1203,7 +1203,7 @@ def shard_that_stopped(server: Server) -> Server | None:
     waits on a shard through postgres_fdw, and looks stopped itself. A server that stopped cannot answer a new
     question; one that only waits can. So if `server` answers now, the shard that does not is the one that stopped
     (asking a stopped one takes up to the stall bound)."""
-    shards = [each for each in server.watchdog.servers.values() if isinstance(each.settings, SHARD_SETTINGS)]
+    shards = watched_shards(server.watchdog)
     if not shards or server in shards:  # the default layout, or a shard itself
         return None
     known = [shard for shard in shards if shard.service in shard.watchdog.gave_up_on]
@@ -1212,6 +1212,11 @@ def shard_that_stopped(server: Server) -> Server | None:
     if server.service not in server.watchdog.gave_up_on or not answers(server):
         return None
     return next((shard for shard in shards if not answers(shard)), None)
+
+
+def watched_shards(watchdog: Watchdog) -> list[Server]:
+    """The shards this run has connected to (none on the default layout)."""
+    return [each for each in watchdog.servers.values() if isinstance(each.settings, SHARD_SETTINGS)]
 
 
 def answers(server: Server) -> bool:
@@ -1560,7 +1565,7 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
         if exit_code is None:  # the connection was cut off (by the watchdog, say): master-db did not stop, it waits
             return DemoError(waits, ExitCode.AFTER_COMMIT)
         return DemoError(f"{what}; {waits}", exit_code)
-    sharded = any(isinstance(each.settings, SHARD_SETTINGS) for each in primary.watchdog.servers.values())
+    sharded = bool(watched_shards(primary.watchdog))
     said = f"{primary.service} says its transaction {xid} is '{status}' (pg_xact_status)"
     if status == "committed":
         kept = f"the {written.users:,} users were committed and stay in the table; do not run again to retry them"
