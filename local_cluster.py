@@ -423,16 +423,25 @@ class PostgresNode:
         """Fast shutdown: roll back open transactions, checkpoint, exit. Whether the server runs is what its
         postmaster.pid says: one whose start was interrupted (Ctrl-C) may run all the same, and one stopped by
         hand already (pg_ctl stop, as docs/failures.md does to a replica) has none left."""
-        pid_file = self.data_dir / "postmaster.pid"
         # A negative pid is initdb's single-user backend, cut short by a Ctrl-C: it ends with initdb, not with pg_ctl.
-        if pid_file.exists() and not pid_file.read_text().startswith("-"):
+        pid = self.postmaster_pid()
+        if pid is not None and pid > 0:
             self.resume()  # a paused server cannot shut down
             self.run("pg_ctl", "stop", f"--pgdata={self.data_dir}", "--mode=fast", "--wait", "--timeout=60")
         self.running = False
 
+    def postmaster_pid(self) -> int | None:
+        """The process id on postmaster.pid's first line; None without one (not started, or stopped)."""
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (FileNotFoundError, IndexError, ValueError):  # gone, or still being written
+            return None
+
     def processes(self) -> list[int]:
         """The postmaster's process id and its children's (its backends and helpers)."""
-        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        postmaster = self.postmaster_pid()
+        if postmaster is None:
+            raise ClusterError(f"{self.name} is not running")
         children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
         return [postmaster, *map(int, children)]
 
