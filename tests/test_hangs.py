@@ -8,6 +8,7 @@ took against its bound, and the rows on every server afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -386,11 +388,25 @@ def test_a_ctrl_c_as_the_connections_close_does_not_hide_a_finished_run(
 # ------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def a_third_standby(cluster: LocalCluster, name: str) -> Iterator[PostgresNode]:
+    """One more standby of the shared cluster, with a slot of its own, for REPLICA_ONE_* to point at, so that the
+    shared cluster stays whole; stopped, and its slot dropped, afterwards."""
+    slot = name.replace("-", "_")
+    extra = cluster.add_standby(name, free_port_base(1), slot)
+    try:
+        yield extra
+    finally:
+        extra.stop()
+        cluster.nodes.remove(extra)
+        with connect(cluster.primary) as primary:
+            primary.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+
+
 def test_a_replica_promoted_mid_run_is_refused_and_named(
     cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A third standby of the primary, which REPLICA_ONE_* points at, so the shared cluster stays whole.
-    extra = cluster.add_standby("replica-extra", free_port_base(1), "replica_extra")
+    # A third standby of the primary, which REPLICA_ONE_* points at, is promoted between two reads.
     original = sharding_demo.partition_contents
     promoted: list[bool] = []
 
@@ -401,13 +417,8 @@ def test_a_replica_promoted_mid_run_is_refused_and_named(
         return original(session, partition, show)
 
     monkeypatch.setattr(sharding_demo, "partition_contents", promote_before_the_second_partition)
-    try:
+    with a_third_standby(cluster, "replica-extra") as extra:
         report = run_in_process(env={"REPLICA_ONE_PORT": str(extra.port)}, read_policy="round-robin")
-    finally:
-        extra.stop()
-        cluster.nodes.remove(extra)
-        with connect(cluster.primary) as primary:
-            primary.execute("SELECT pg_drop_replication_slot('replica_extra')")
 
     assert promoted
     [skip] = report.skipped
@@ -428,9 +439,6 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_tried_on_the_other_replica(
     # A hot standby cancels a read that holds up its replay: here a lock on tbl_users_p0, held by a long read on a
     # third standby (which REPLICA_ONE_* points at) that replays an ACCESS EXCLUSIVE lock from the primary at once
     # (max_standby_streaming_delay = 0). The read is this standby's problem, not the data's: replica-two answers it.
-    extra = cluster.add_standby("replica-conflict", free_port_base(1), "replica_conflict")
-    extra.execute("ALTER SYSTEM SET max_standby_streaming_delay = 0")
-    extra.execute("SELECT pg_reload_conf()")
     original = sharding_demo.partition_contents
     conflicted: list[str] = []
 
@@ -452,13 +460,10 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_tried_on_the_other_replica(
         return result
 
     monkeypatch.setattr(sharding_demo, "partition_contents", a_long_read_of_the_first_partition)
-    try:
+    with a_third_standby(cluster, "replica-conflict") as extra:
+        extra.execute("ALTER SYSTEM SET max_standby_streaming_delay = 0")
+        extra.execute("SELECT pg_reload_conf()")
         report = run_in_process(env={"REPLICA_ONE_PORT": str(extra.port)}, read_policy="round-robin")
-    finally:
-        extra.stop()
-        cluster.nodes.remove(extra)
-        with connect(cluster.primary) as primary:
-            primary.execute("SELECT pg_drop_replication_slot('replica_conflict')")
 
     assert conflicted
     [skip] = report.skipped
