@@ -19,8 +19,8 @@ from conftest import PROJECT_DIR, clean_environment
 from local_cluster import ClusterError, find_bindir, free_port_base, port_is_free
 
 
-def test_command_line_starts_streams_prints_exports_and_cleans_up_on_sigterm() -> None:
-    base = free_port_base()
+def start_the_launcher(base: int) -> tuple[subprocess.Popen[str], Path]:
+    """`python local_cluster.py --port-base base`, as a user runs it, and the folder its first line names."""
     process = subprocess.Popen(
         [sys.executable, str(PROJECT_DIR / "local_cluster.py"), "--port-base", str(base)],
         env=clean_environment(),
@@ -28,6 +28,14 @@ def test_command_line_starts_streams_prints_exports_and_cleans_up_on_sigterm() -
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert process.stdout is not None
+    first_line = process.stdout.readline()  # "Starting PostgreSQL ... in /tmp/sharding-demo-..."
+    return process, Path(re.search(r" in (/\S+)", first_line).group(1))  # type: ignore[union-attr]
+
+
+def test_command_line_starts_streams_prints_exports_and_cleans_up_on_sigterm() -> None:
+    base = free_port_base()
+    process, data_dir = start_the_launcher(base)
     assert process.stdout is not None
     output = []
     deadline = time.monotonic() + 120
@@ -44,7 +52,6 @@ def test_command_line_starts_streams_prints_exports_and_cleans_up_on_sigterm() -
         for variable, port in (("MASTER_DB", base), ("REPLICA_ONE", base + 1), ("REPLICA_TWO", base + 2)):
             assert f"export {variable}_PORT={port}\n" in text
             assert f"export {variable}_HOST=127.0.0.1\n" in text
-        data_dir = Path(re.search(r" in (/\S+)", text).group(1))  # type: ignore[union-attr]
         assert data_dir.is_dir()
         # The printed ports really reach a primary that two standbys stream from.
         with psycopg.connect(
@@ -80,16 +87,7 @@ def test_ctrl_c_while_the_servers_start_leaves_none_running(moment: str) -> None
     # Ctrl-C reaches the launcher's main thread, while the replicas are cloned and started in threads of their own,
     # or while initdb runs. Whatever had started must be stopped, and nothing left once the folder is deleted.
     base = free_port_base()
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_DIR / "local_cluster.py"), "--port-base", str(base)],
-        env=clean_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    first_line = process.stdout.readline()
-    data_dir = Path(re.search(r" in (/\S+)", first_line).group(1))  # type: ignore[union-attr]
+    process, data_dir = start_the_launcher(base)
     deadline = time.monotonic() + 60
     while not (data_dir / moment).exists() and time.monotonic() < deadline:
         time.sleep(0.005)
