@@ -298,7 +298,7 @@ class Watchdog:
     def __init__(self, stall_timeout: float) -> None:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
         self.watched: dict[Any, tuple[Server, float | None]] = {}  # psycopg connection: (server, busy since)
-        self.gave_up_on: dict[str, str] = {}  # the services it cut off, and why
+        self.gave_up_on: dict[str, tuple[str, int]] = {}  # the services it cut off: why, and the server process cut off
         self.servers: dict[str, Server] = {}  # every server it has watched, by service
         self.last_progress, self.lock = time.monotonic(), threading.Lock()
         threading.Thread(target=self.look, daemon=True).start()
@@ -1118,7 +1118,7 @@ class ExitCode(IntEnum):
     meaning: str
     OK = 0, "success, also when a replica was left out (the report says which, and why)"
     CONFIG = 2, "an invalid setting or flag (the message names it), or a .env that cannot be read"
-    PRIMARY_LOST = 3, "the primary cannot be reached, was lost or stopped answering, and nothing was written"
+    PRIMARY_LOST = 3, "the primary is unreachable, was lost, stopped answering or kept us waiting: nothing was written"
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
@@ -1192,7 +1192,7 @@ def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[A
     shutdown(2) the connection's socket, through a duplicate of its file descriptor: the call waiting on it returns
     at once with an error. (suppress: libpq may have closed it.)"""
     why = f"nothing for {watchdog.stall_timeout:g} s" if now <= watchdog.deadline else "nothing by the deadline"
-    watchdog.gave_up_on[server.service] = f"stopped answering ({why})"
+    watchdog.gave_up_on[server.service] = (f"stopped answering ({why})", connection.pgconn.backend_pid)
     # nothing may stop the watchdog's thread
     with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
         duplicate.shutdown(socket.SHUT_RDWR)
@@ -1265,7 +1265,48 @@ def one_line(error: BaseException) -> str:
 
 def cause(server: Server, error: BaseException) -> str:
     """What went wrong with a server, in words: why the watchdog cut it off, or the driver's error."""
-    return server.watchdog.gave_up_on.get(server.service) or one_line(error)
+    why, _ = server.watchdog.gave_up_on.get(server.service, (one_line(error), 0))
+    return why
+
+
+# What the demo's server process, cut off by the watchdog, is doing now: if it waits for a lock, on which table, and
+# which process blocks it (pg_blocking_pids: one that holds a lock in the way, or waits for one ahead of it), in what
+# state, after which statement. No row: the process has gone.
+STILL_THERE = text("""
+    SELECT ours.wait_event_type, ours.wait_event, CAST(CAST(lock.relation AS regclass) AS text),
+           blocker.pid, blocker.state, blocker.query
+    FROM pg_stat_activity AS ours
+    LEFT JOIN pg_locks AS lock ON lock.pid = ours.pid AND NOT lock.granted
+    LEFT JOIN pg_stat_activity AS blocker ON blocker.pid = (pg_blocking_pids(ours.pid))[1]
+    WHERE ours.pid = :pid""")
+
+
+def kept_waiting(primary: Server, error: BaseException, during: str) -> str:
+    """'master-db (host:port) stopped answering ... during the insert', or why it did not, asked of the primary itself
+    after the watchdog gave up on it. One that answers now has not stopped: the demo's statement was still running
+    there, most often waiting for a lock that another session holds (say, an open transaction in psql that ran
+    TRUNCATE, ALTER TABLE or LOCK on tbl_users). Asking one that has really stopped takes up to DEMO_CONNECT_TIMEOUT."""
+    where = f"{primary.service} ({primary.address})"
+    _, pid = primary.watchdog.gave_up_on[primary.service]
+    try:
+        with primary.engine.connect() as connection:
+            now = connection.execute(STILL_THERE, {"pid": pid}).first()
+            # The demo has given up on that statement: end it there too, rather than leave it waiting for the lock.
+            connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
+    except DATABASE_ERRORS:  # it does not answer: it has stopped
+        now = None
+    if now is None:  # or it answers, and the process has gone: say what the watchdog saw
+        return f"{where} {cause(primary, error)} {during}"
+    wait_type, wait_event, table_name, blocker, state, statement = now
+    waited = f"{where} kept the demo waiting {primary.watchdog.stall_timeout:g} s {during}"
+    if wait_type == "Lock" and blocker is not None:
+        what = f"a lock on {table_name}" if table_name else "a lock"
+        last = " ".join(str(statement).split())[:80]  # on one line, and not too long
+        return (
+            f"{waited}: its statement waits for {what}, blocked by process {blocker} ({state}; last statement: {last})"
+        )
+    event = f"{wait_type}: {wait_event}" if wait_type else "none"
+    return f"{waited}: its statement is still running there (wait event {event})"
 
 
 def refused_login(error: BaseException) -> bool:
@@ -1292,7 +1333,7 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
         message = f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        message = f"{where} {cause(primary, error)} during the checks; nothing was written"
+        message = f"{kept_waiting(primary, error, 'during the checks')}; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
     return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
@@ -1521,9 +1562,13 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
     if sqlstate(error) == "57014":
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
         return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
-    if not answered(error):
-        message = f"lost {primary.service} during the insert: {cause(primary, error)}; nothing was written"
+    if primary.service in primary.watchdog.gave_up_on:
+        message = f"{kept_waiting(primary, error, 'during the insert')}; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
+    if not answered(error):
+        return DemoError(
+            f"lost {primary.service} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
+        )
     return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
 
 

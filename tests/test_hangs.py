@@ -180,11 +180,66 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
     assert demo.returncode == 3, stderr
     [line] = errors_of(stderr)
     assert line == (
-        "sharding_demo.py: error: lost master-db during the insert: "
-        f"stopped answering (nothing for {STALL} s); nothing was written"
+        f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) "
+        f"stopped answering (nothing for {STALL} s) during the insert; nothing was written"
     )
-    assert seconds < float(STALL) + 3, seconds
+    # the stall bound, then the connection bound of the question "why?", which a stopped server does not answer
+    assert seconds < float(STALL) + 3 + 3, seconds
     assert counts_everywhere(cluster) == [before] * 3  # after SIGCONT the server rolled the COPY back
+
+
+@pytest.mark.parametrize(
+    ("mode", "stage", "table"),
+    [("ACCESS EXCLUSIVE", "the checks", "tbl_users_p0"), ("SHARE", "the insert", "tbl_users")],
+)
+def test_a_primary_that_waits_for_a_lock_is_not_called_stopped(
+    cluster: LocalCluster, mode: str, stage: str, table: str
+) -> None:
+    # A learner's open transaction in psql holds a lock on tbl_users. ACCESS EXCLUSIVE (TRUNCATE, ALTER TABLE) keeps
+    # even the demo's catalog questions waiting; SHARE (CREATE INDEX) keeps only its INSERT waiting. The primary
+    # answers all the while: the watchdog gives up, and the demo asks the primary why, and ends its own statement.
+    before = counts_everywhere(cluster)[0]
+    with connect(cluster.primary) as holder:
+        holder.execute("BEGIN")
+        holder.execute(f"LOCK TABLE tbl_users IN {mode} MODE")
+        result = run_demo(cluster, env={"DEMO_STALL_TIMEOUT": STALL})
+        assert result.returncode == 3, result.stderr
+        [line] = errors_of(result.stderr)
+        assert line == (
+            f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) kept the demo waiting {STALL} s "
+            f"during {stage}: its statement waits for a lock on {table}, blocked by process {holder.info.backend_pid} "
+            f"(idle in transaction; last statement: LOCK TABLE tbl_users IN {mode} MODE); nothing was written"
+        )
+        # its statement was ended there, not left waiting for the lock
+        demo_sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sharding_demo'"
+        assert wait_until(lambda: cluster.primary.query(demo_sessions) == [(0,)], timeout=10)
+    assert counts_everywhere(cluster) == [before] * 3
+
+
+def test_a_primary_still_running_the_insert_is_not_called_stopped(cluster: LocalCluster) -> None:
+    # A trigger that a learner added, and that takes its time: the primary answers, and says what its process does.
+    before = counts_everywhere(cluster)[0]
+    slow = [
+        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql"
+        " AS 'BEGIN PERFORM pg_sleep(60); RETURN NEW; END'",
+        "CREATE TRIGGER slow_insert BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION slow_insert()",
+    ]
+    for statement in slow:
+        cluster.primary.execute(statement)
+    try:
+        started = time.monotonic()
+        result = run_demo(cluster, env={"DEMO_STALL_TIMEOUT": STALL})
+        seconds = time.monotonic() - started
+    finally:
+        cluster.primary.execute("DROP FUNCTION slow_insert() CASCADE")
+    assert result.returncode == 3, result.stderr
+    [line] = errors_of(result.stderr)
+    assert line == (
+        f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) kept the demo waiting {STALL} s "
+        "during the insert: its statement is still running there (wait event Timeout: PgSleep); nothing was written"
+    )
+    assert seconds < float(STALL) + 5, seconds  # not the trigger's 60 s: the demo ended its statement there
+    assert counts_everywhere(cluster) == [before] * 3
 
 
 # ------------------------------------------------------------------------------------------------
