@@ -313,10 +313,18 @@ class Watchdog:
             self.watched.pop(connection, None)
 
     def look(self) -> None:
+        last_look = time.monotonic()
         while True:
             time.sleep(0.1)
             with self.lock:
                 now = time.monotonic()
+                # A look that comes a second late means that this process did not run meanwhile: stopped with Ctrl-Z
+                # (then `fg`), say. The servers answered all the while, so that time does not count against them.
+                paused, last_look = now - last_look - 0.1, now
+                if paused > 1:
+                    self.deadline, self.last_progress = self.deadline + paused, self.last_progress + paused
+                    for connection, (server, since) in list(self.watched.items()):
+                        self.watched[connection] = (server, None if since is None else since + paused)
                 for connection, (server, since) in list(self.watched.items()):
                     if connection.pgconn.transaction_status != TransactionStatus.ACTIVE:
                         self.watched[connection] = (server, None)

@@ -395,6 +395,34 @@ def test_sigterm_before_the_commit_says_nothing_was_written(cluster: LocalCluste
     assert counts_everywhere(cluster) == [before] * 3
 
 
+def test_a_demo_stopped_with_ctrl_z_and_resumed_does_not_blame_the_primary(cluster: LocalCluster) -> None:
+    # Ctrl-Z stops the demo (SIGTSTP; SIGSTOP here) while its INSERT is in flight, for longer than the stall bound
+    # (4 s, and 3 s); `fg` resumes it (SIGCONT). The primary went on meanwhile: the run goes on, and ends as usual.
+    # A trigger makes the first user's INSERT take 5 s, so that it is still in flight when the demo resumes; only
+    # 1 s of them counts against the primary, since the demo was stopped for the other 4.
+    before = counts_everywhere(cluster)[0]
+    slow = [
+        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$BEGIN IF NEW.first_name = 'John' THEN PERFORM pg_sleep(5); END IF; RETURN NEW; END$$",
+        "CREATE TRIGGER slow_insert BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION slow_insert()",
+    ]
+    for statement in slow:
+        cluster.primary.execute(statement)
+    try:
+        demo = start_demo(cluster, env={"DEMO_STALL_TIMEOUT": "3"})
+        wait_for_statement(cluster.primary, "INSERT INTO tbl_users%")
+        time.sleep(0.5)  # the watchdog, which looks ten times a second, has seen the INSERT in flight
+        demo.send_signal(signal.SIGSTOP)
+        time.sleep(4)
+        demo.send_signal(signal.SIGCONT)
+        _, stderr = demo.communicate(timeout=60)
+    finally:
+        cluster.primary.execute("DROP FUNCTION slow_insert() CASCADE")
+    assert demo.returncode == 0, stderr
+    assert errors_of(stderr) == []
+    assert counts_everywhere(cluster) == [before + 5] * 3
+
+
 def test_sighup_after_the_commit_says_how_many_users_were_committed(cluster: LocalCluster) -> None:
     before = counts_everywhere(cluster)[0]
     for replica in cluster.replicas:  # the demo waits for them, after its commit
