@@ -1289,24 +1289,25 @@ STILL_THERE = text("""
     WHERE ours.pid = :pid""")
 
 
-def kept_waiting(primary: Server, error: BaseException, during: str) -> str:
-    """'master-db (host:port) stopped answering ... during the insert', or why it did not, asked of the primary itself
-    after the watchdog gave up on it. One that answers now has not stopped: the demo's statement was still running
-    there, most often waiting for a lock that another session holds (say, an open transaction in psql that ran
-    TRUNCATE, ALTER TABLE or LOCK on tbl_users). Asking one that has really stopped takes up to DEMO_CONNECT_TIMEOUT."""
-    where = f"{primary.service} ({primary.address})"
-    _, pid = primary.watchdog.gave_up_on[primary.service]
+def kept_waiting(server: Server, error: BaseException, during: str) -> str:
+    """'master-db (host:port) stopped answering ... during the insert', or why it did not, asked of the server itself
+    after the watchdog gave up on it (before the commit). One that answers now has not stopped: the demo's statement
+    was still running there, most often waiting for a lock that another session holds (say, an open transaction in
+    psql that ran TRUNCATE, ALTER TABLE or LOCK on tbl_users). Asking one that has stopped takes up to
+    DEMO_CONNECT_TIMEOUT."""
+    where = f"{server.service} ({server.address})"
+    _, pid = server.watchdog.gave_up_on[server.service]
     try:
-        with primary.engine.connect() as connection:
+        with server.engine.connect() as connection:
             now = connection.execute(STILL_THERE, {"pid": pid}).first()
             # The demo has given up on that statement: end it there too, rather than leave it waiting for the lock.
             connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
     except DATABASE_ERRORS:  # it does not answer: it has stopped
         now = None
     if now is None:  # or it answers, and the process has gone: say what the watchdog saw
-        return f"{where} {cause(primary, error)} {during}"
+        return f"{where} {cause(server, error)} {during}"
     wait_type, wait_event, table_name, blocker, state, statement = now
-    waited = f"{where} kept the demo waiting {primary.watchdog.stall_timeout:g} s {during}"
+    waited = f"{where} kept the demo waiting {server.watchdog.stall_timeout:g} s {during}"
     if wait_type == "Lock" and blocker is not None:
         what = f"a lock on {table_name}" if table_name else "a lock"
         last = " ".join(str(statement).split())[:80]  # on one line, and not too long
@@ -1396,6 +1397,8 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None) -
     if error is None:
         fix = to_check(shard.settings, "host", "port", "name")
         what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db: {fix}"
+    elif shard.service in shard.watchdog.gave_up_on:  # asked why: a lock, say
+        what = f"{kept_waiting(shard, error, 'during the checks')}; it stores {', '.join(names)} for master-db"
     else:
         what = f"{where}, which stores {', '.join(names)} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)

@@ -381,6 +381,53 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
+def test_a_shard_that_keeps_the_checks_waiting_for_a_lock_says_so(sharded: LocalCluster) -> None:
+    # The rebalancing procedure done by hand in psql, and left open on shard-one after its DROP TABLE, say: the
+    # shard answers, but the demo's question about tbl_users_p2 waits for the lock.
+    shard_one = shard_of(sharded, "shard-one")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    with tcp(shard_one) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE tbl_users_p2 IN ACCESS EXCLUSIVE MODE")
+        result = run_demo(sharded, env={"DEMO_STALL_TIMEOUT": "2"})
+        blocker = holder.info.backend_pid
+    assert result.returncode == 9, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line == (
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}) kept the demo waiting 2 s during the "
+        f"checks: its statement waits for a lock on tbl_users_p2, blocked by process {blocker} (idle in transaction; "
+        "last statement: LOCK TABLE tbl_users_p2 IN ACCESS EXCLUSIVE MODE); it stores tbl_users_p0, tbl_users_p2 "
+        "for master-db; nothing was written on any shard"
+    )
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def test_a_lock_on_a_shard_that_keeps_the_insert_waiting_is_told_from_the_coordinator(sharded: LocalCluster) -> None:
+    # SHARE keeps out writes, not the checks' reads: master-db's INSERT waits on shard-one through postgres_fdw.
+    shard_one = shard_of(sharded, "shard-one")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    with tcp(shard_one) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE tbl_users_p0, tbl_users_p2 IN SHARE MODE")
+        # 50 users: that none of them is for shard-one's partitions has a chance of 1 in 2**50
+        result = run_demo(sharded, "--users", "50", env={"DEMO_STALL_TIMEOUT": "2"})
+        # master-db's cancel reached the shard: postgres_fdw's remote INSERT is not left waiting for the lock
+        others = (
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND pid NOT IN (%s, pg_backend_pid())"
+        )
+        assert wait_until(lambda: shard_one.query(others, [holder.info.backend_pid]) == [(0,)], timeout=10)
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.splitlines()
+    assert re.fullmatch(
+        rf"sharding_demo.py: error: master-db \(127.0.0.1:{sharded.primary.port}\) kept the demo waiting 2 s during "
+        r"the insert: its statement is still running there \(wait event Extension: "
+        r"(Extension|PostgresFdwGetResult)\); nothing was written",  # the name postgres_fdw gives its wait from 17
+        line,
+    ), line
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
 def test_a_coordinator_that_cannot_log_in_to_a_shard_says_why(sharded: LocalCluster) -> None:
     # The coordinator's password for shard-two changed on one side only (say, COORDINATOR_PASSWORD changed after
     # the shard was made): master-db refuses the insert, and the reason postgres_fdw gives in its DETAIL is told.
