@@ -1311,9 +1311,10 @@ def kept_waiting(server: Server, error: BaseException, during: str) -> str:
     if wait_type == "Lock" and blocker is not None:
         what = f"a lock on {table_name}" if table_name else "a lock"
         last = " ".join(str(statement).split())[:80]  # on one line, and not too long
-        return (
-            f"{waited}: its statement waits for {what}, blocked by process {blocker} ({state}; last statement: {last})"
-        )
+        seen = f"{state}; last statement: {last}"
+        if state is None:  # pg_stat_activity shows another role's session only to that role, and to pg_read_all_stats
+            seen = "a session of another role, whose state and statements this role may not see"
+        return f"{waited}: its statement waits for {what}, blocked by process {blocker} ({seen})"
     event = f"{wait_type}: {wait_event}" if wait_type else "none"
     return f"{waited}: its statement is still running there (wait event {event})"
 

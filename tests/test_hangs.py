@@ -216,6 +216,35 @@ def test_a_primary_that_waits_for_a_lock_is_not_called_stopped(
     assert counts_everywhere(cluster) == [before] * 3
 
 
+def test_a_lock_held_by_another_role_is_told_without_what_this_role_may_not_see(cluster: LocalCluster) -> None:
+    settings = database_with(
+        cluster,
+        "locked",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 1, REMAINDER 0)",
+        "DROP ROLE IF EXISTS learner",
+        "CREATE ROLE learner LOGIN PASSWORD 'learner'",
+        "GRANT INSERT, SELECT ON tbl_users, tbl_users_p0 TO learner",
+    )
+    learner = {
+        f"{prefix}{field}": value
+        for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
+        for field, value in (("USER", "learner"), ("PASSWORD", "learner"))
+    }
+    with connect(cluster.primary, dbname="locked") as holder:  # the superuser
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE tbl_users IN SHARE MODE")
+        result = run_demo(cluster, env=settings | learner | {"DEMO_STALL_TIMEOUT": STALL})
+        blocker = holder.info.backend_pid
+    assert result.returncode == 3, result.stderr
+    [line] = errors_of(result.stderr)
+    assert line.endswith(
+        f"its statement waits for a lock on tbl_users, blocked by process {blocker} (a session of another role, "
+        "whose state and statements this role may not see); nothing was written"
+    )
+    assert count_on(cluster.primary, "locked") == 0
+
+
 def test_a_primary_still_running_the_insert_is_not_called_stopped(cluster: LocalCluster) -> None:
     # A trigger that a learner added, and that takes its time: the primary answers, and says what its process does.
     before = counts_everywhere(cluster)[0]
