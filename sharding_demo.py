@@ -445,6 +445,9 @@ class ReadWriteRouter:
         self.primary, self.replicas_in_use, self.policy, self.facts = primary, replicas, policy, facts
         self.skipped: list[Skipped] = []
         self.turn = 0
+        # Each server by its system identifier and start time, as the first replica setting that reached it: two
+        # settings (a port copied from one to the other, say) may point at the same server.
+        self.first_seen_as: dict[tuple[int, datetime], Server] = {}
 
     def for_read(self) -> Server:
         if not self.replicas_in_use:
@@ -455,10 +458,12 @@ class ReadWriteRouter:
         return random.choice(self.replicas_in_use)
 
     def not_a_standby(self, replica: Server, identity: Any) -> str | None:
-        """None if the server is in recovery with the primary's system identifier, and is asked for the primary's
-        database, else what it is. (A standby of another cluster, or another database, has other rows.)"""
+        """None if the server is in recovery with the primary's system identifier, is asked for the primary's
+        database, and is not a server that another replica setting reached first; else what it is. (A standby of
+        another cluster, or another database, has other rows.)"""
         same_database = replica.settings.name == self.primary.settings.name
-        if identity[0] and identity[1] == self.facts.identity[1] and same_database:
+        itself = self.first_seen_as.setdefault((identity[1], identity[2]), replica) is replica
+        if identity[0] and identity[1] == self.facts.identity[1] and same_database and itself:
             return None
         return what_it_is_instead(self, replica, tuple(identity))  # appendix D
 
@@ -1430,6 +1435,11 @@ def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple
         return f"is {what} (system identifier {system_identifier}, the primary's is {primary[1]}): {fix}"
     if started_at == primary[2]:
         return f"is the primary itself, not a standby (pg_is_in_recovery() is false): {fix}"
+    twin = router.first_seen_as[(system_identifier, started_at)]
+    if twin is not replica:  # which of the two settings is wrong, only you can tell
+        fix = to_check([twin.settings, replica.settings], "host", "port")
+        same = "the same system identifier and start time"
+        return f"is the same server as {twin.service} ({twin.address}; {same}): {fix}"
     if in_recovery:  # the primary's standby, asked for another database
         asked, expected = replica.settings.name, router.primary.settings.name
         fix = to_check(replica.settings, "name")
@@ -1709,9 +1719,11 @@ def variable_of(settings: BaseSettings | type[BaseSettings], name: str) -> str:
     return f"{settings.model_config.get('env_prefix')}{name.upper()}"
 
 
-def to_check(settings: DatabaseSettings, *names: str) -> str:
-    """'check SHARD_ONE_HOST, SHARD_ONE_PORT and SHARD_ONE_NAME': the variables a failure message sends you to."""
-    variables = [variable_of(settings, name) for name in names]
+def to_check(settings: DatabaseSettings | Sequence[DatabaseSettings], *names: str) -> str:
+    """'check SHARD_ONE_HOST, SHARD_ONE_PORT and SHARD_ONE_NAME': the variables a failure message sends you to (of
+    one server, or of each of several)."""
+    servers = [settings] if isinstance(settings, DatabaseSettings) else settings
+    variables = [variable_of(server, name) for server in servers for name in names]
     if len(variables) == 1:
         return f"check {variables[0]}"
     return f"check {', '.join(variables[:-1])} and {variables[-1]}"

@@ -200,6 +200,29 @@ def test_a_replica_setting_that_points_at_the_primary_is_left_out(cluster: Local
     assert "no replica left" not in result.stderr  # replica-two served every read
 
 
+def test_two_replica_settings_that_reach_one_server_count_it_once(cluster: LocalCluster) -> None:
+    # REPLICA_ONE_PORT copied from REPLICA_TWO_PORT in a .env, say: both settings reach replica-two's server. The demo
+    # cannot tell which setting is wrong, so it names both, and reads from that one server as replica-one.
+    replica_two = cluster.replicas[1]
+    result = run_demo(cluster, "--json", env={"REPLICA_ONE_PORT": str(replica_two.port)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["skipped"] == [
+        {
+            "replica": "replica-two",
+            "address": f"127.0.0.1:{replica_two.port}",
+            "reason": f"is the same server as replica-one (127.0.0.1:{replica_two.port}; the same system identifier "
+            "and start time): check REPLICA_ONE_HOST, REPLICA_ONE_PORT, REPLICA_TWO_HOST and REPLICA_TWO_PORT",
+            "when": "waited for",
+        }
+    ]
+    assert [each["replica"] for each in report["catchup"]] == ["replica-one"]
+    reads = [*report["partitions"], report["first_user"], report["landing_checked_by"]]
+    assert {(read["read_from"], read["read_from_address"]) for read in reads} == {
+        ("replica-one", f"127.0.0.1:{replica_two.port}")
+    }
+
+
 def test_a_replica_asked_for_another_database_is_left_out(cluster: LocalCluster) -> None:
     # The primary's own standby, but another database of it: its tbl_users, if it had one, would hold other rows.
     settings = database_with(cluster, "elsewhere", "CREATE TABLE unrelated (n int)")
