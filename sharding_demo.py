@@ -1419,6 +1419,8 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return cause(replica, error)
     if "FATAL:" in one_line(error):  # it answered, and said no: starting up, shutting down, too many connections
         return f"refused the connection: {one_line(error)}"
+    if (sqlstate(error) or "").startswith("57P"):  # it ended a session it had let in: shut down, pg_terminate_backend
+        return f"ended the connection: {one_line(error)}"
     if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say
         return f"answered the demo's question with an error: {one_line(error)}"
     return f"unreachable: {one_line(error)}"

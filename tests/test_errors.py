@@ -4,13 +4,15 @@ no traceback and nothing written."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
+import sharding_demo
 from conftest import connect, database_with, run_demo, wait_until
-from local_cluster import LocalCluster, free_port_base
+from local_cluster import LocalCluster, PostgresNode, free_port_base
 
 
 def count_rows(cluster: LocalCluster) -> int:
@@ -116,6 +118,29 @@ def test_a_replica_that_answers_the_wait_with_an_error_is_not_called_unreachable
     assert skip["reason"] == (
         "answered the demo's question with an error: permission denied for function pg_control_system"
     ), skip["reason"]
+
+
+def test_a_replica_that_ends_the_connection_during_a_read_is_not_called_unreachable(
+    cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The replica ends the demo's session while the demo reads from it: pg_terminate_backend, as here, or a replica
+    # shut down mid-run (docker compose stop, pg_ctl stop). It was reached; it is left out, and the read retried.
+    original = sharding_demo.where_users_landed
+    ended: list[PostgresNode] = []
+
+    def end_the_session_then_read(session: Any, ids: Any, show: int) -> Any:
+        if not ended:
+            backend = session.connection().connection.driver_connection.info.backend_pid
+            ended.append(next(node for node in cluster.replicas if node.port == session.get_bind().url.port))
+            ended[0].query("SELECT pg_terminate_backend(%s)", [backend])
+        return original(session, ids, show)
+
+    monkeypatch.setattr(sharding_demo, "where_users_landed", end_the_session_then_read)
+    report = run_in_process()
+    [skip] = report.skipped
+    assert (skip.replica.service, skip.when) == (ended[0].name, "during the reads")
+    assert skip.reason == "ended the connection: terminating connection due to administrator command"
+    assert sum(report.landing.value[0].values()) == 5  # the other replica answered
 
 
 def test_primary_address_pointing_at_a_replica(cluster: LocalCluster) -> None:
