@@ -1205,7 +1205,10 @@ def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[A
     shutdown(2) the connection's socket, through a duplicate of its file descriptor: the call waiting on it returns
     at once with an error. (suppress: libpq may have closed it.)"""
     why = f"nothing for {watchdog.stall_timeout:g} s" if now <= watchdog.deadline else "nothing by the deadline"
-    watchdog.gave_up_on[server.service] = (f"stopped answering ({why})", connection.pgconn.backend_pid)
+    pid = 0  # its server process, for the question "why?" (0: unknown, as when libpq has closed the connection)
+    with suppress(psycopg.Error):
+        pid = connection.pgconn.backend_pid
+    watchdog.gave_up_on[server.service] = (f"stopped answering ({why})", pid)
     # nothing may stop the watchdog's thread
     with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
         duplicate.shutdown(socket.SHUT_RDWR)
@@ -1305,8 +1308,8 @@ def kept_waiting(server: Server, error: BaseException, during: str) -> str:
     try:
         with server.engine.connect() as connection:
             now = connection.execute(STILL_THERE, {"pid": pid}).first()
-            # The demo has given up on that statement: end it there too, rather than leave it waiting for the lock.
-            connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
+            if now is not None:  # the demo has given up on that statement: end it there too, not leave it waiting
+                connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
     except DATABASE_ERRORS:  # it does not answer: it has stopped
         now = None
     if now is None:  # or it answers, and the process has gone: say what the watchdog saw
