@@ -6,6 +6,7 @@ on 127.0.0.1. Which PostgreSQL it runs is local_cluster's choice: set PG_BINDIR 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -208,6 +209,36 @@ def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[st
         for statement in statements:
             database.execute(statement)
     return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
+
+
+@contextlib.contextmanager
+def holding_a_lock(node: PostgresNode, lock: str, dbname: str = "postgres") -> Iterator[int]:
+    """A transaction left open on `node` after `lock` (LOCK TABLE ...), as a learner's psql may leave one, for as long
+    as the `with` lasts: its server process's pid."""
+    with connect(node, dbname=dbname) as holder:
+        holder.execute("BEGIN")
+        holder.execute(lock)
+        yield holder.info.backend_pid
+
+
+@contextlib.contextmanager
+def slow_inserts(node: PostgresNode, body: str) -> Iterator[None]:
+    """A BEFORE INSERT trigger on tbl_users that runs the PL/pgSQL `body` (a pg_sleep, say) for each row, for as long
+    as the `with` lasts."""
+    node.execute(f"CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN {body} RETURN NEW; END$$")
+    node.execute("CREATE TRIGGER slow_insert BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION slow_insert()")
+    try:
+        yield
+    finally:
+        node.execute("DROP FUNCTION slow_insert() CASCADE")
+
+
+def logged_in_as(role: str, password: str) -> dict[str, str]:
+    """The settings that make the demo log in to the primary and both replicas as `role`."""
+    prefixes = ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
+    return {
+        f"{prefix}{field}": value for prefix in prefixes for field, value in (("USER", role), ("PASSWORD", password))
+    }
 
 
 def docker_compose(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -34,9 +34,12 @@ from conftest import (
     count_on,
     counts_everywhere,
     database_with,
+    holding_a_lock,
+    logged_in_as,
     pause_replay,
     resume_replay,
     run_demo,
+    slow_inserts,
     start_demo,
     wait_until,
 )
@@ -199,15 +202,13 @@ def test_a_primary_that_waits_for_a_lock_is_not_called_stopped(
     # even the demo's catalog questions waiting; SHARE (CREATE INDEX) keeps only its INSERT waiting. The primary
     # answers all the while: the watchdog gives up, and the demo asks the primary why, and ends its own statement.
     before = counts_everywhere(cluster)[0]
-    with connect(cluster.primary) as holder:
-        holder.execute("BEGIN")
-        holder.execute(f"LOCK TABLE tbl_users IN {mode} MODE")
+    with holding_a_lock(cluster.primary, f"LOCK TABLE tbl_users IN {mode} MODE") as blocker:
         result = run_demo(cluster, env={"DEMO_STALL_TIMEOUT": STALL})
         assert result.returncode == 3, result.stderr
         [line] = errors_of(result.stderr)
         assert line == (
             f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) kept the demo waiting {STALL} s "
-            f"during {stage}: its statement waits for a lock on {table}, blocked by process {holder.info.backend_pid} "
+            f"during {stage}: its statement waits for a lock on {table}, blocked by process {blocker} "
             f"(idle in transaction; last statement: LOCK TABLE tbl_users IN {mode} MODE); nothing was written"
         )
         # its statement was ended there, not left waiting for the lock
@@ -226,16 +227,8 @@ def test_a_lock_held_by_another_role_is_told_without_what_this_role_may_not_see(
         "CREATE ROLE learner LOGIN PASSWORD 'learner'",
         "GRANT INSERT, SELECT ON tbl_users, tbl_users_p0 TO learner",
     )
-    learner = {
-        f"{prefix}{field}": value
-        for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
-        for field, value in (("USER", "learner"), ("PASSWORD", "learner"))
-    }
-    with connect(cluster.primary, dbname="locked") as holder:  # the superuser
-        holder.execute("BEGIN")
-        holder.execute("LOCK TABLE tbl_users IN SHARE MODE")
-        result = run_demo(cluster, env=settings | learner | {"DEMO_STALL_TIMEOUT": STALL})
-        blocker = holder.info.backend_pid
+    with holding_a_lock(cluster.primary, "LOCK TABLE tbl_users IN SHARE MODE", "locked") as blocker:  # as postgres
+        result = run_demo(cluster, env=settings | logged_in_as("learner", "learner") | {"DEMO_STALL_TIMEOUT": STALL})
     assert result.returncode == 3, result.stderr
     [line] = errors_of(result.stderr)
     assert line.endswith(
@@ -248,19 +241,10 @@ def test_a_lock_held_by_another_role_is_told_without_what_this_role_may_not_see(
 def test_a_primary_still_running_the_insert_is_not_called_stopped(cluster: LocalCluster) -> None:
     # A trigger that a learner added, and that takes its time: the primary answers, and says what its process does.
     before = counts_everywhere(cluster)[0]
-    slow = [
-        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql"
-        " AS 'BEGIN PERFORM pg_sleep(60); RETURN NEW; END'",
-        "CREATE TRIGGER slow_insert BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION slow_insert()",
-    ]
-    for statement in slow:
-        cluster.primary.execute(statement)
-    try:
+    with slow_inserts(cluster.primary, "PERFORM pg_sleep(60);"):
         started = time.monotonic()
         result = run_demo(cluster, env={"DEMO_STALL_TIMEOUT": STALL})
         seconds = time.monotonic() - started
-    finally:
-        cluster.primary.execute("DROP FUNCTION slow_insert() CASCADE")
     assert result.returncode == 3, result.stderr
     [line] = errors_of(result.stderr)
     assert line == (
@@ -430,14 +414,7 @@ def test_a_demo_stopped_with_ctrl_z_and_resumed_does_not_blame_the_primary(clust
     # A trigger makes the first user's INSERT take 5 s, so that it is still in flight when the demo resumes; only
     # 1 s of them counts against the primary, since the demo was stopped for the other 4.
     before = counts_everywhere(cluster)[0]
-    slow = [
-        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql"
-        " AS $$BEGIN IF NEW.first_name = 'John' THEN PERFORM pg_sleep(5); END IF; RETURN NEW; END$$",
-        "CREATE TRIGGER slow_insert BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION slow_insert()",
-    ]
-    for statement in slow:
-        cluster.primary.execute(statement)
-    try:
+    with slow_inserts(cluster.primary, "IF NEW.first_name = 'John' THEN PERFORM pg_sleep(5); END IF;"):
         demo = start_demo(cluster, env={"DEMO_STALL_TIMEOUT": "3"})
         wait_for_statement(cluster.primary, "INSERT INTO tbl_users%")
         time.sleep(0.5)  # the watchdog, which looks ten times a second, has seen the INSERT in flight
@@ -445,8 +422,6 @@ def test_a_demo_stopped_with_ctrl_z_and_resumed_does_not_blame_the_primary(clust
         time.sleep(4)
         demo.send_signal(signal.SIGCONT)
         _, stderr = demo.communicate(timeout=60)
-    finally:
-        cluster.primary.execute("DROP FUNCTION slow_insert() CASCADE")
     assert demo.returncode == 0, stderr
     assert errors_of(stderr) == []
     assert counts_everywhere(cluster) == [before + 5] * 3
@@ -676,12 +651,7 @@ def test_a_partition_the_user_may_not_read_is_refused_before_the_insert(cluster:
         "CREATE ROLE writer LOGIN PASSWORD 'writer'",
         "GRANT INSERT, SELECT ON tbl_users, tbl_users_p0 TO writer",
     )
-    writer = {
-        f"{prefix}{field}": value
-        for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")
-        for field, value in (("USER", "writer"), ("PASSWORD", "writer"))
-    }
-    result = run_demo(cluster, env=settings | writer)
+    result = run_demo(cluster, env=settings | logged_in_as("writer", "writer"))
     assert result.returncode == 5, result.stderr
     [line] = errors_of(result.stderr)
     assert "has hidden.tbl_users_p1, a partition that this user may not read" in line

@@ -23,7 +23,15 @@ import pytest
 from psycopg import sql
 
 import sharding_demo
-from conftest import PROJECT_DIR, docker_compose, functions_outside_the_lesson, run_demo, start_demo, wait_until
+from conftest import (
+    PROJECT_DIR,
+    docker_compose,
+    functions_outside_the_lesson,
+    holding_a_lock,
+    run_demo,
+    start_demo,
+    wait_until,
+)
 from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base
 
 COORDINATOR_PASSWORD = "coordinator-secret-7b1f"  # so that the tests can look for it in every log
@@ -386,11 +394,8 @@ def test_a_shard_that_keeps_the_checks_waiting_for_a_lock_says_so(sharded: Local
     # shard answers, but the demo's question about tbl_users_p2 waits for the lock.
     shard_one = shard_of(sharded, "shard-one")
     before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
-    with tcp(shard_one) as holder:
-        holder.execute("BEGIN")
-        holder.execute("LOCK TABLE tbl_users_p2 IN ACCESS EXCLUSIVE MODE")
+    with holding_a_lock(shard_one, "LOCK TABLE tbl_users_p2 IN ACCESS EXCLUSIVE MODE") as blocker:
         result = run_demo(sharded, env={"DEMO_STALL_TIMEOUT": "2"})
-        blocker = holder.info.backend_pid
     assert result.returncode == 9, result.stderr
     [line] = result.stderr.splitlines()
     assert line == (
@@ -406,9 +411,7 @@ def test_a_lock_on_a_shard_that_keeps_the_insert_waiting_is_told_from_the_coordi
     # SHARE keeps out writes, not the checks' reads: master-db's INSERT waits on shard-one through postgres_fdw.
     shard_one = shard_of(sharded, "shard-one")
     before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
-    with tcp(shard_one) as holder:
-        holder.execute("BEGIN")
-        holder.execute("LOCK TABLE tbl_users_p0, tbl_users_p2 IN SHARE MODE")
+    with holding_a_lock(shard_one, "LOCK TABLE tbl_users_p0, tbl_users_p2 IN SHARE MODE") as blocker:
         # 50 users: that none of them is for shard-one's partitions has a chance of 1 in 2**50
         result = run_demo(sharded, "--users", "50", env={"DEMO_STALL_TIMEOUT": "2"})
         # master-db's cancel reached the shard: postgres_fdw's remote INSERT is not left waiting for the lock
@@ -416,7 +419,7 @@ def test_a_lock_on_a_shard_that_keeps_the_insert_waiting_is_told_from_the_coordi
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
             "AND pid NOT IN (%s, pg_backend_pid())"
         )
-        assert wait_until(lambda: shard_one.query(others, [holder.info.backend_pid]) == [(0,)], timeout=10)
+        assert wait_until(lambda: shard_one.query(others, [blocker]) == [(0,)], timeout=10)
     assert result.returncode == 3, result.stderr
     [line] = result.stderr.splitlines()
     assert re.fullmatch(
