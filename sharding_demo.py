@@ -280,7 +280,8 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
             "target_session_attrs": "any",
         },
     )
-    server = Server(settings.service, f"{settings.host}:{settings.port}", settings, engine, watchdog)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address: [::1]:5432
+    server = Server(settings.service, f"{host}:{settings.port}", settings, engine, watchdog)
     event.listen(engine, "connect", lambda connection, _: watchdog.watch(connection, server))
     event.listen(engine, "close", lambda connection, _: watchdog.forget(connection))
     return server

@@ -35,6 +35,13 @@ def test_primary_unreachable(cluster: LocalCluster) -> None:
     assert_one_line_error(result.stderr, f"cannot connect to master-db (127.0.0.1:{closed_port})")
 
 
+def test_an_ipv6_address_is_shown_in_brackets(cluster: LocalCluster) -> None:
+    closed_port = str(free_port_base())  # nothing listens there, on ::1 either (the cluster listens on 127.0.0.1)
+    result = run_demo(cluster, env={"MASTER_DB_HOST": "::1", "MASTER_DB_PORT": closed_port})
+    assert result.returncode == 3
+    assert_one_line_error(result.stderr, f"cannot connect to master-db ([::1]:{closed_port}): ")
+
+
 def test_wrong_password(cluster: LocalCluster) -> None:
     before = count_rows(cluster)
     result = run_demo(cluster, env={"MASTER_DB_PASSWORD": "not-the-password"})
