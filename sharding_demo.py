@@ -1387,17 +1387,26 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
         greatest, uncovered = max(p.modulus for p in facts.partitions), uncovered_remainders(facts.partitions)
         what = f"partitions of tbl_users that leave remainders {uncovered} of modulus {greatest} without a partition"
         return DemoError(f"{where} has {what}: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
-    with primary.engine.connect() as connection:
-        exists, key = connection.execute(
-            text(
-                "SELECT to_regclass('tbl_users') IS NOT NULL, (SELECT pg_get_partkeydef(partrelid) "
-                "FROM pg_partitioned_table WHERE partrelid = to_regclass('tbl_users'))"
-            )
-        ).one()
-    if not exists:
-        start = "`docker compose up -d --wait` or `python local_cluster.py`"
-        message = f"{where} has no table tbl_users: the cluster is not initialised (start it with {start})"
-        return DemoError(message, ExitCode.LAYOUT)
+    try:
+        with primary.engine.connect() as connection:
+            exists, key = connection.execute(
+                text(
+                    "SELECT to_regclass('tbl_users') IS NOT NULL, (SELECT pg_get_partkeydef(partrelid) "
+                    "FROM pg_partitioned_table WHERE partrelid = to_regclass('tbl_users'))"
+                )
+            ).one()
+    except DATABASE_ERRORS as error:
+        return primary_failed(primary, error)
+    name = primary.settings.name
+    if not exists and name != "postgres":  # init-master.sql runs in the database POSTGRES_DB names: postgres
+        fix = to_check(primary.settings, "name")
+        return DemoError(
+            f"{where} has no table tbl_users in database {name}; the demo's is in postgres: {fix}", ExitCode.LAYOUT
+        )
+    if not exists:  # a server of your own on the demo's port, say (README, Troubleshooting)
+        start = "start it with `docker compose up -d --wait` or `python local_cluster.py`"
+        what = f"which init-master.sql makes: this is not the demo's server, or its table was dropped ({start})"
+        return DemoError(f"{where} has no table tbl_users in database postgres, {what}", ExitCode.LAYOUT)
     what = "that is not partitioned" if key is None else "without partitions"
     return DemoError(f"{where} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
 
