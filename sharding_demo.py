@@ -1354,6 +1354,9 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
     if primary.service in primary.watchdog.gave_up_on:
         message = f"{kept_waiting(primary, error, 'during the checks')}; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
+    if answered(error):  # it let the demo in, and answered a question of the checks with an error
+        message = f"{where} answered the demo's checks with an error: {one_line(error)}; nothing was written"
+        return DemoError(message, ExitCode.REFUSED)
     return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
 

@@ -117,6 +117,22 @@ def test_a_replica_that_answers_no_is_not_called_unreachable(cluster: LocalClust
     assert 'FATAL:  too many connections for role "no_connections"' in skip["reason"]
 
 
+def test_a_primary_that_answers_the_checks_with_an_error_is_not_called_unreachable(cluster: LocalCluster) -> None:
+    # A role that may not call pg_control_system(), in a database of its own: master-db lets it in, then answers the
+    # first question of the checks with an ERROR.
+    with connect(cluster.primary) as primary:
+        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_control'").fetchone():
+            primary.execute("CREATE ROLE no_control LOGIN PASSWORD 'x'")
+    settings = database_with(cluster, "no_control_here", "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    result = run_demo(cluster, env={"MASTER_DB_USER": "no_control", "MASTER_DB_PASSWORD": "x"} | settings)
+    assert result.returncode == 7, result.stderr
+    assert_one_line_error(
+        result.stderr,
+        f"master-db (127.0.0.1:{cluster.primary.port}) answered the demo's checks with an error: permission denied "
+        "for function pg_control_system; nothing was written",
+    )
+
+
 def test_a_replica_that_answers_the_wait_with_an_error_is_not_called_unreachable(cluster: LocalCluster) -> None:
     # In a database of its own, a role that may not call pg_control_system(), which the wait's question
     # uses: replica-one, asked as that role, connects and answers with an ERROR.
