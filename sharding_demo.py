@@ -282,7 +282,10 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address: [::1]:5432
     server = Server(settings.service, f"{host}:{settings.port}", settings, engine, watchdog)
-    event.listen(engine, "connect", lambda connection, _: watchdog.watch(connection, server))
+    # insert=True: watched before SQLAlchemy's own first questions on an engine's first connection (show
+    # standard_conforming_strings, and others), whose listener comes first otherwise: a server that stops just then
+    # must not hang the demo either.
+    event.listen(engine, "connect", lambda connection, _: watchdog.watch(connection, server), insert=True)
     event.listen(engine, "close", lambda connection, _: watchdog.forget(connection))
     return server
 

@@ -133,6 +133,55 @@ def test_a_replica_stopped_during_the_read_back_is_left_out_and_the_read_retried
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 
+# The demo, with a hook that stops replica-one (its postmaster, and the server process of the demo's connection) the
+# moment the demo's first connection to it is open: before SQLAlchemy's own first questions on it.
+STOPPED_ON_FIRST_CONNECT = """
+import os, signal, sys
+from sqlalchemy import event
+import sharding_demo
+make_server = sharding_demo.make_server
+stopped = []
+def make_and_hook(settings, connect_timeout, watchdog):
+    server = make_server(settings, connect_timeout, watchdog)
+    def stop_the_server(connection, record):
+        if not stopped:
+            stopped.append(connection.info.backend_pid)
+            for pid in (int(os.environ["POSTMASTER_PID"]), connection.info.backend_pid):
+                os.kill(pid, signal.SIGSTOP)
+    if server.service == "replica-one":
+        event.listen(server.engine, "connect", stop_the_server, insert=True)
+    return server
+sharding_demo.make_server = make_and_hook
+sys.exit(sharding_demo.main(sys.argv[1:]))
+"""
+
+
+def test_a_replica_that_stops_as_the_first_connection_opens_is_cut_off_too(cluster: LocalCluster) -> None:
+    # SQLAlchemy asks a few questions of an engine's first connection (show standard_conforming_strings, and others)
+    # before the demo's own; a server that stopped just then hung the demo, unwatched, for ever.
+    before = counts_everywhere(cluster)[0]
+    replica = cluster.replicas[0]
+    environment = clean_environment() | cluster.demo_environment() | {"PYTHONPATH": str(DEMO.parent)}
+    environment |= {"DEMO_STALL_TIMEOUT": STALL, "POSTMASTER_PID": str(replica.postmaster_pid())}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", STOPPED_ON_FIRST_CONNECT, "--json"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        for pid in replica.processes():
+            os.kill(pid, signal.SIGCONT)
+    assert result.returncode == 0, result.stderr
+    [skip] = json.loads(result.stdout)["skipped"]
+    assert (skip["replica"], skip["when"]) == (replica.name, "waited for")
+    assert skip["reason"] == f"stopped answering (nothing for {STALL} s)"
+    assert counts_everywhere(cluster) == [before + 5] * 3
+
+
 def test_a_replica_stopped_during_the_catch_up_wait_is_cut_off_at_the_stall_bound(
     cluster: LocalCluster,
 ) -> None:
