@@ -450,7 +450,8 @@ class PostgresNode:
         is how a hung host or a dead network path looks from a client."""
         self.paused = self.processes()
         for pid in self.paused:
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # a backend that has exited since it was listed
+                os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
         for pid in getattr(self, "paused", []):
