@@ -1285,7 +1285,9 @@ def one_line(error: BaseException) -> str:
 
 def cause(server: Server, error: BaseException) -> str:
     """What went wrong with a server, in words: why the watchdog cut it off, or the driver's error."""
-    why, _ = server.watchdog.gave_up_on.get(server.service, (one_line(error), 0))
+    if server.service not in server.watchdog.gave_up_on:
+        return one_line(error)
+    why, _ = server.watchdog.gave_up_on[server.service]
     return why
 
 
@@ -1301,14 +1303,14 @@ STILL_THERE = text("""
     WHERE ours.pid = :pid""")
 
 
-def kept_waiting(server: Server, error: BaseException, during: str) -> str:
+def kept_waiting(server: Server, during: str) -> str:
     """'master-db (host:port) stopped answering ... during the insert', or why it did not, asked of the server itself
     after the watchdog gave up on it (before the commit). One that answers now has not stopped: the demo's statement
     was still running there, most often waiting for a lock that another session holds (say, an open transaction in
     psql that ran TRUNCATE, ALTER TABLE or LOCK on tbl_users). Asking one that has stopped takes up to
     DEMO_CONNECT_TIMEOUT."""
     where = f"{server.service} ({server.address})"
-    _, pid = server.watchdog.gave_up_on[server.service]
+    why, pid = server.watchdog.gave_up_on[server.service]
     try:
         with server.engine.connect() as connection:
             now = connection.execute(STILL_THERE, {"pid": pid}).first()
@@ -1317,7 +1319,7 @@ def kept_waiting(server: Server, error: BaseException, during: str) -> str:
     except DATABASE_ERRORS:  # it does not answer: it has stopped
         now = None
     if now is None:  # or it answers, and the process has gone: say what the watchdog saw
-        return f"{where} {cause(server, error)} {during}"
+        return f"{where} {why} {during}"
     wait_type, wait_event, table_name, blocker, state, statement = now
     waited = f"{where} kept the demo waiting {server.watchdog.stall_timeout:g} s {during}"
     if wait_type == "Lock" and blocker is not None:
@@ -1355,7 +1357,7 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
         message = f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        message = f"{kept_waiting(primary, error, 'during the checks')}; nothing was written"
+        message = f"{kept_waiting(primary, 'during the checks')}; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
     if answered(error):  # it let the demo in, and answered a question of the checks with an error
         message = f"{where} answered the demo's checks with an error: {one_line(error)}; nothing was written"
@@ -1423,7 +1425,7 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None) -
         fix = to_check(shard.settings, "host", "port", "name")
         what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db: {fix}"
     elif shard.service in shard.watchdog.gave_up_on:  # asked why: a lock, say
-        what = f"{kept_waiting(shard, error, 'during the checks')}; it stores {', '.join(names)} for master-db"
+        what = f"{kept_waiting(shard, 'during the checks')}; it stores {', '.join(names)} for master-db"
     else:
         what = f"{where}, which stores {', '.join(names)} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
@@ -1606,7 +1608,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
         return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        message = f"{kept_waiting(primary, error, 'during the insert')}; nothing was written"
+        message = f"{kept_waiting(primary, 'during the insert')}; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
     if not answered(error):
         return DemoError(
