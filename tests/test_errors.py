@@ -117,12 +117,18 @@ def test_a_replica_that_answers_no_is_not_called_unreachable(cluster: LocalClust
     assert 'FATAL:  too many connections for role "no_connections"' in skip["reason"]
 
 
-def test_a_primary_that_answers_the_checks_with_an_error_is_not_called_unreachable(cluster: LocalCluster) -> None:
-    # A role that may not call pg_control_system(), in a database of its own: master-db lets it in, then answers the
-    # first question of the checks with an ERROR.
+def a_role_no_control(cluster: LocalCluster) -> None:
+    """The role no_control (password 'x'), made once: in a database whose pg_control_system() is revoked from
+    PUBLIC, it may not call that function."""
     with connect(cluster.primary) as primary:
         if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_control'").fetchone():
             primary.execute("CREATE ROLE no_control LOGIN PASSWORD 'x'")
+
+
+def test_a_primary_that_answers_the_checks_with_an_error_is_not_called_unreachable(cluster: LocalCluster) -> None:
+    # A role that may not call pg_control_system(), in a database of its own: master-db lets it in, then answers the
+    # first question of the checks with an ERROR.
+    a_role_no_control(cluster)
     settings = database_with(cluster, "no_control_here", "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
     result = run_demo(cluster, env={"MASTER_DB_USER": "no_control", "MASTER_DB_PASSWORD": "x"} | settings)
     assert result.returncode == 7, result.stderr
@@ -136,9 +142,7 @@ def test_a_primary_that_answers_the_checks_with_an_error_is_not_called_unreachab
 def test_a_replica_that_answers_the_wait_with_an_error_is_not_called_unreachable(cluster: LocalCluster) -> None:
     # In a database of its own, a role that may not call pg_control_system(), which the wait's question
     # uses: replica-one, asked as that role, connects and answers with an ERROR.
-    with connect(cluster.primary) as primary:
-        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_control'").fetchone():
-            primary.execute("CREATE ROLE no_control LOGIN PASSWORD 'x'")
+    a_role_no_control(cluster)
     settings = database_with(
         cluster,
         "no_control",
