@@ -1386,6 +1386,16 @@ def unusable_partition(primary: Server, name: str, shard: str | None, kind: str,
     return DemoError(message, ExitCode.LAYOUT)
 
 
+# Is there a tbl_users where the name alone finds it (the search_path), how is it partitioned; if not, is there one
+# in a schema that the name does not reach: not on the search_path, or without the USAGE privilege for this user?
+WHERE_IS_TBL_USERS = text("""
+    SELECT to_regclass('tbl_users') IS NOT NULL, pg_get_partkeydef(to_regclass('tbl_users')),
+           n.nspname, has_schema_privilege(n.oid, 'USAGE'), current_setting('search_path'), current_user
+    FROM (SELECT) AS one LEFT JOIN pg_class AS c ON c.relname = 'tbl_users' AND c.relkind IN ('r', 'p')
+    LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace
+    ORDER BY has_schema_privilege(n.oid, 'USAGE') LIMIT 1""")
+
+
 def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
     where = f"{primary.service} ({primary.address})"
     if facts.identity[0]:
@@ -1397,14 +1407,16 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
         return DemoError(f"{where} has {what}: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
     try:
         with primary.engine.connect() as connection:
-            exists, key = connection.execute(
-                text(
-                    "SELECT to_regclass('tbl_users') IS NOT NULL, (SELECT pg_get_partkeydef(partrelid) "
-                    "FROM pg_partitioned_table WHERE partrelid = to_regclass('tbl_users'))"
-                )
-            ).one()
+            exists, key, schema, usable, search_path, user = connection.execute(WHERE_IS_TBL_USERS).one()
     except DATABASE_ERRORS as error:
         return primary_failed(primary, error)
+    if not exists and schema is not None and not usable:  # REVOKE ALL ON SCHEMA public FROM PUBLIC, say
+        what = f"schema {schema}, which user {user} may not use: GRANT USAGE ON SCHEMA {schema} TO {user}"
+        return DemoError(f"{where} has tbl_users in {what}", ExitCode.LAYOUT)
+    if not exists and schema is not None:  # ALTER ROLE or DATABASE ... SET search_path, or PGOPTIONS
+        what = f"schema {schema}, which is not on the search_path ({search_path}) of user {user}"
+        why = "the demo names the table without a schema, as an application does"
+        return DemoError(f"{where} has tbl_users in {what}: {why}", ExitCode.LAYOUT)
     name = primary.settings.name
     if not exists and name != "postgres":  # init-master.sql runs in the database POSTGRES_DB names: postgres
         fix = to_check(primary.settings, "name")

@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 
 import sharding_demo
-from conftest import connect, database_with, run_demo, wait_until
+from conftest import connect, database_with, logged_in_as, run_demo, wait_until
 from local_cluster import LocalCluster, PostgresNode, free_port_base
 
 
@@ -80,6 +80,40 @@ def test_no_table_in_the_demo_s_database_is_not_called_uninitialised(cluster: Lo
         "init-master.sql makes: this is not the demo's server, or its table was dropped (start it with "
         "`docker compose up -d --wait` or `python local_cluster.py`)",
     )
+
+
+def test_a_tbl_users_that_the_name_does_not_reach_is_not_called_missing(cluster: LocalCluster) -> None:
+    # The table is there, in schema public; "no table tbl_users ... this is not the demo's server" would be false.
+    # A role without USAGE on the schema (REVOKE ALL ON SCHEMA public FROM PUBLIC, a common hardening step), and a
+    # search_path without public (PGOPTIONS, or ALTER ROLE ... SET search_path), each keep the name from finding it.
+    with connect(cluster.primary) as primary:
+        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_schema'").fetchone():
+            primary.execute("CREATE ROLE no_schema LOGIN PASSWORD 'x'")
+    settings = database_with(
+        cluster,
+        "no_schema_here",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 1, REMAINDER 0)",
+        "GRANT SELECT, INSERT ON tbl_users, tbl_users_p0 TO no_schema",
+        "REVOKE ALL ON SCHEMA public FROM PUBLIC",
+    )
+    address = f"master-db (127.0.0.1:{cluster.primary.port})"
+    result = run_demo(cluster, env=logged_in_as("no_schema", "x") | settings)
+    assert result.returncode == 5, result.stderr
+    assert_one_line_error(
+        result.stderr,
+        f"{address} has tbl_users in schema public, which user no_schema may not use: GRANT USAGE ON SCHEMA public "
+        "TO no_schema",
+    )
+    result = run_demo(cluster, env={"PGOPTIONS": "-c search_path=elsewhere"})
+    assert result.returncode == 5, result.stderr
+    assert_one_line_error(
+        result.stderr,
+        f"{address} has tbl_users in schema public, which is not on the search_path (elsewhere) of user postgres: "
+        "the demo names the table without a schema, as an application does",
+    )
+    with connect(cluster.primary, dbname="no_schema_here") as database:
+        assert database.execute("SELECT count(*) FROM tbl_users").fetchone() == (0,)
 
 
 def test_a_database_that_does_not_exist_names_the_setting(cluster: LocalCluster) -> None:
