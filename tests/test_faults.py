@@ -69,6 +69,27 @@ def test_one_replica_stopped_reads_go_to_the_other(cluster: LocalCluster) -> Non
     assert_report_matches_primary(cluster, report)
 
 
+def test_a_replica_started_without_hot_standby_is_told_with_the_servers_reason(cluster: LocalCluster) -> None:
+    # hot_standby = off: the standby replays, and refuses every connection. libpq puts the reason in a DETAIL line,
+    # which the report adds in brackets: "not accepting connections" alone does not say why.
+    refusing, survivor = cluster.replicas
+    refusing.execute("ALTER SYSTEM SET hot_standby = off")
+    refusing.stop()
+    try:
+        refusing.start()
+        report, _ = run_json(cluster)
+    finally:
+        refusing.stop()
+        refusing.run("sed", "-i", "/^hot_standby = /d", refusing.data_dir / "postgresql.auto.conf")
+        refusing.start()
+    [skip] = report["skipped"]
+    assert skip["replica"] == refusing.name
+    assert skip["reason"].startswith("refused the connection: ")
+    assert skip["reason"].endswith("the database system is not accepting connections (Hot standby mode is disabled.)")
+    assert {partition["read_from"] for partition in report["partitions"]} == {survivor.name}
+    assert_report_matches_primary(cluster, report)
+
+
 def test_both_replicas_stopped_reads_fall_back_to_the_primary(cluster: LocalCluster) -> None:
     for replica in cluster.replicas:
         replica.stop()
