@@ -16,6 +16,23 @@ meets, B the bulk path (--users above 100), C JSON, D failures and exit codes, E
 
 from __future__ import annotations
 
+import signal
+import sys
+
+
+def stopped_while_loading(signal_number: int, frame: object) -> None:
+    """Python takes a few tenths of a second to load the libraries imported below. A Ctrl-C meanwhile would print a
+    traceback from inside one of them, and SIGTERM or SIGHUP would end the demo without a word. Nothing has been done
+    yet, so that is what it says, as main() would (appendix D), which takes these signals over once it runs."""
+    name = "Ctrl-C" if signal_number == signal.SIGINT else signal.Signals(signal_number).name
+    print(f"sharding_demo.py: error: interrupted ({name}) before the insert: nothing was written", file=sys.stderr)
+    raise SystemExit(128 + signal_number)
+
+
+if __name__ == "__main__":  # run as the demo, not imported by a test or the bench
+    for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(each, stopped_while_loading)
+
 import argparse
 import json
 import logging
@@ -23,10 +40,8 @@ import logging.handlers
 import os
 import random
 import re
-import signal
 import socket
 import struct
-import sys
 import threading
 import time
 import uuid
@@ -224,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(library).disabled = True
     # SIGTERM (from `timeout`, systemd, `docker stop`, CI) and SIGHUP (a terminal closing) stop the
     # run as Ctrl-C does, and are told as truly: was anything committed? (appendix D)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt, as Python's default
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
     report = None  # until run() returns: then the users are committed, and a failure must say so

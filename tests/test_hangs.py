@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -442,6 +443,28 @@ def test_a_commit_rolled_back_without_an_answer_is_told_as_nothing_written(clust
     else:
         assert demo.returncode == 3 and told["what"].startswith("lost master-db during the COMMIT ("), stderr
     assert count_on(cluster.primary, "slow_commit") == 0
+
+
+@pytest.mark.parametrize(
+    ("signal_number", "told", "exit_code"), [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)]
+)
+def test_a_signal_while_the_libraries_load_is_one_line_too(
+    cluster: LocalCluster, signal_number: int, told: str, exit_code: int
+) -> None:
+    # Python loads SQLAlchemy, psycopg and pydantic for about 0.3 s before the demo's own code runs: a Ctrl-C then
+    # printed a traceback from inside SQLAlchemy, and SIGTERM ended the demo without a word. The signal is sent once
+    # psycopg's C library is loaded, the first of those imports: others remain.
+    before = counts_everywhere(cluster)[0]
+    demo = start_demo(cluster)
+    maps = Path(f"/proc/{demo.pid}/maps")
+    assert wait_until(lambda: "psycopg_binary" in maps.read_text(), timeout=10, interval=0.001)
+    demo.send_signal(signal_number)
+    stdout, stderr = demo.communicate(timeout=60)
+    assert (demo.returncode, stdout) == (exit_code, ""), stderr
+    assert stderr.splitlines() == [
+        f"sharding_demo.py: error: interrupted ({told}) before the insert: nothing was written"
+    ]
+    assert counts_everywhere(cluster) == [before] * 3
 
 
 def test_sigterm_before_the_commit_says_nothing_was_written(cluster: LocalCluster) -> None:
