@@ -1288,17 +1288,14 @@ def sqlstate(error: BaseException) -> str | None:
 
 def one_line(error: BaseException) -> str:
     """The useful line of a driver error, without SQLAlchemy's SQL echo and background link. Where the server says why
-    in a DETAIL, that is added, in brackets: a server that refuses connections ('the database system is not accepting
-    connections (Hot standby mode is disabled.)'), or master-db unable to connect to a shard (postgres_fdw: 'could not
-    connect to server "shard_two"', SQLSTATE 08001: a wrong password for the coordinator's role, say)."""
+    in a DETAIL (psycopg puts it on a line of its own), that is added, in brackets: a server that refuses connections
+    ('the database system is not accepting connections (Hot standby mode is disabled.)'), a standby that cancels a read
+    ('conflict with recovery (User was holding a relation lock for too long.)'), or master-db unable to connect to a
+    shard (postgres_fdw: 'could not connect to server "shard_two"'; a wrong password for its role there, say)."""
     original = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(original).splitlines() if line.strip()]
     first = (lines[0] if lines else type(original).__name__).removeprefix("connection failed: ")
-    # libpq writes a refused connection's DETAIL into its message; a statement's error keeps it in `diag`
     details = [line.removeprefix("DETAIL:").strip() for line in lines if line.startswith("DETAIL:")]
-    detail = getattr(getattr(original, "diag", None), "message_detail", None)
-    if sqlstate(error) == "08001" and detail:
-        details = detail.splitlines()
     return f"{first} ({details[0]})" if details else first
 
 

@@ -627,8 +627,9 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_tried_on_the_other_replica(
     assert conflicted
     [skip] = report.skipped
     assert (skip.replica.service, skip.when) == ("replica-one", "during the reads")
-    assert (
-        skip.reason == "answered the demo's question with an error: canceling statement due to conflict with recovery"
+    assert skip.reason == (
+        "answered the demo's question with an error: canceling statement due to conflict with recovery (User was "
+        "holding a relation lock for too long.)"
     )
     assert report.contents[0].server.service == "replica-two"
     assert not sharding_demo.primary_served_reads(report)
