@@ -603,7 +603,7 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
                     caught_up[replica.service] = elapsed
                     waiting.remove(replica)
                 elif problem or elapsed >= timeout:
-                    leave_out(router, replica, problem or still_behind(lag, elapsed), when="waited for")
+                    leave_out(router, replica, problem or still_behind(replica, lag, elapsed), when="waited for")
                     waiting.remove(replica)
             time.sleep(0.01)
     finally:
@@ -1527,10 +1527,32 @@ def primary_served_reads(report: Report) -> bool:
     return any(answer.server is report.written.primary for answer in answers)
 
 
-def still_behind(lag: int | None, elapsed: float) -> str:
+# Why a standby is behind, if it can say: its replay paused (pg_wal_replay_pause(), as docs/failures.md does), its WAL
+# applied late on purpose (recovery_min_apply_delay), or no WAL coming in (no WAL receiver: it cannot reach the
+# primary, or the primary turned it away; its log says which).
+WHY_BEHIND = text("""
+    SELECT pg_get_wal_replay_pause_state(), current_setting('recovery_min_apply_delay'),
+           EXISTS (SELECT FROM pg_stat_wal_receiver)""")
+
+
+def still_behind(replica: Server, lag: int | None, elapsed: float) -> str:
+    """'still 40 bytes of WAL behind after 5.0s', and why, asked of the replica: the catch-up deadline has passed, so
+    the watchdog cuts the question off at once if it is not answered."""
+    behind = f"still {lag:,} bytes of WAL behind after {elapsed:.1f}s"
     if lag is None:
-        return f"its replay position is unknown after {elapsed:.1f}s"
-    return f"still {lag:,} bytes of WAL behind after {elapsed:.1f}s"
+        behind = f"its replay position is unknown after {elapsed:.1f}s"
+    try:
+        with replica.engine.connect() as connection:
+            paused, delay, receiving = connection.execute(WHY_BEHIND).one()
+    except DATABASE_ERRORS:
+        return behind
+    if paused != "not paused":  # 'paused', or 'pause requested' (it pauses at the next WAL record)
+        return f"{behind}: its replay is paused (SELECT pg_wal_replay_resume() there resumes it)"
+    if delay != "0":
+        return f"{behind}: it applies the WAL late on purpose (recovery_min_apply_delay = {delay})"
+    if not receiving:
+        return f"{behind}: it receives no WAL (no WAL receiver runs there: its log says why)"
+    return behind
 
 
 def committed(written: Written) -> str:
