@@ -34,6 +34,7 @@ if __name__ == "__main__":  # run as the demo, not imported by a test or the ben
         signal.signal(each, stopped_while_loading)
 
 import argparse
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -88,6 +89,8 @@ class DatabaseSettings(BaseSettings):
             return value
         if not value.isprintable():  # a NUL byte, or one that is not UTF-8, is refused (appendix E)
             refuse_if_unsendable(value)
+        if info.field_name == "host":  # "localhost:5432", or a URL, pasted whole, is refused (appendix E)
+            refuse_if_not_a_host(value.strip(), f"{cls.model_config.get('env_prefix')}PORT")
         # "localhost " from a sloppy .env line means "localhost"; a password is kept as it is.
         return value if info.field_name == "password" else value.strip()
 
@@ -1812,6 +1815,19 @@ def refuse_if_unsendable(value: str) -> None:
         code = ord(value[error.start])
         byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else repr(value[error.start])
         raise ValueError(f"is not UTF-8 text ({byte}), so it cannot be sent to the server") from None
+
+
+def refuse_if_not_a_host(host: str, port_variable: str) -> None:
+    """A host with a ':' that is not an IPv6 address (such as ::1) is most often a host and its port, or a URL, pasted
+    whole: libpq would look it all up as one name, and say only 'failed to resolve host'. (A host that starts with '/'
+    is the folder of a Unix socket, which libpq takes too.)"""
+    if ":" not in host or host.startswith("/"):
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        fix = f"give the host alone, and the port as {port_variable}"
+        raise ValueError(f"is not a host name or address: {fix}") from None
 
 
 def invalid_setting(settings_class: type[Any], error: Exception, flags: dict[str, Any]) -> DemoError:

@@ -78,6 +78,19 @@ def test_dotenv_file_is_read_and_environment_wins(monkeypatch: pytest.MonkeyPatc
         ("REPLICA_TWO_PORT", "0", "invalid setting REPLICA_TWO_PORT=0: Input should be greater than"),
         ("DEMO_READ_POLICY", "fastest", "invalid setting DEMO_READ_POLICY=fastest: Input should be"),
         ("DEMO_CATCHUP_TIMEOUT", "-1", "invalid setting DEMO_CATCHUP_TIMEOUT=-1"),
+        # A host and its port, or a URL, pasted whole: libpq would only say "failed to resolve host".
+        (
+            "MASTER_DB_HOST",
+            "localhost:5432",
+            "invalid setting MASTER_DB_HOST=localhost:5432: Value error, is not a host name or address: give the "
+            "host alone, and the port as MASTER_DB_PORT",
+        ),
+        (
+            "REPLICA_TWO_HOST",
+            "postgresql://localhost:5434/postgres",
+            "invalid setting REPLICA_TWO_HOST=postgresql://localhost:5434/postgres: Value error, is not a host name "
+            "or address: give the host alone, and the port as REPLICA_TWO_PORT",
+        ),
     ],
 )
 def test_invalid_value_is_one_line_naming_the_variable(variable: str, value: str, expected: str) -> None:
