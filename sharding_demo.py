@@ -1156,7 +1156,7 @@ class ExitCode(IntEnum):
     CONFIG = 2, "an invalid setting or flag (the message names it), or a .env that cannot be read"
     PRIMARY_LOST = 3, "the primary is unreachable, was lost, stopped answering or kept us waiting: nothing was written"
     LOGIN_REFUSED = 4, "the primary refused the login"
-    LAYOUT = 5, "tbl_users is missing, or partitioned in a way the demo cannot predict or read: nothing was written"
+    LAYOUT = 5, "tbl_users is missing, out of reach, or partitioned so the demo cannot predict it: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
     COMMIT_UNKNOWN = 8, "outcome unknown: COMMIT unanswered and the primary unable to say, or a shard not counted"
