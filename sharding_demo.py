@@ -503,8 +503,9 @@ class ReadWriteRouter:
                     identity = session.execute(text(IDENTITY)).one()  # who answered, in the same transaction
             except DATABASE_ERRORS as error:
                 # An error it answered (say, passed on from a shard), or a shard that stopped while this replica
-                # waited on it (appendix D): no other replica would do better. A recovery conflict is this replica's.
-                elsewhere_too = answered(error) and sqlstate(error) != RECOVERY_CONFLICT
+                # waited on it (appendix D): no other replica would do better. A recovery conflict is this replica's,
+                # and so is a permission refused to its own settings' user (a read-only role, say).
+                elsewhere_too = answered(error) and sqlstate(error) not in (RECOVERY_CONFLICT, PERMISSION_DENIED)
                 if server is self.primary or elsewhere_too or shard_that_stopped(server):
                     raise
                 leave_out(self, server, replica_failure(server, error), when="during the reads")  # appendix D
@@ -1283,6 +1284,7 @@ def answered(error: BaseException) -> bool:
 # A hot standby cancels a read that holds up its replay of the WAL (a lock or a snapshot that a replayed change
 # conflicts with) once max_standby_streaming_delay has passed: a "recovery conflict". Another replica may answer.
 RECOVERY_CONFLICT = "40001"  # serialization_failure, "canceling statement due to conflict with recovery"
+PERMISSION_DENIED = "42501"  # insufficient_privilege: "permission denied for table tbl_users_p0"
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -1473,6 +1475,9 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return f"refused the connection: {one_line(error)}"
     if (sqlstate(error) or "").startswith("57P"):  # it ended a session it had let in: shut down, pg_terminate_backend
         return f"ended the connection: {one_line(error)}"
+    if sqlstate(error) == PERMISSION_DENIED:  # SELECT on tbl_users alone does not let a user read its partitions
+        why, fix = "the demo reads each partition, so its user needs SELECT on each", to_check(replica.settings, "user")
+        return f"answered the demo's question with an error: {one_line(error)} ({why}): {fix}"
     if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say
         return f"answered the demo's question with an error: {one_line(error)}"
     return f"unreachable: {one_line(error)}"

@@ -223,6 +223,40 @@ def test_two_replica_settings_that_reach_one_server_count_it_once(cluster: Local
     }
 
 
+def test_a_read_only_role_for_the_replicas_that_may_not_read_the_partitions_is_left_out(cluster: LocalCluster) -> None:
+    # A role of its own for the reads, as is good practice, granted SELECT on tbl_users only: enough to read through
+    # the parent, not the partitions, which the demo reads by name. That replica is left out, the other answers; the
+    # run does not fail after its commit. With both replicas so, the reads go to the primary.
+    with connect(cluster.primary) as primary:
+        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'parent_only'").fetchone():
+            primary.execute("CREATE ROLE parent_only LOGIN PASSWORD 'x'")
+            primary.execute("GRANT SELECT ON tbl_users TO parent_only")
+    assert wait_until(lambda: bool(cluster.replicas[1].query("SELECT FROM pg_roles WHERE rolname = 'parent_only'")))
+    as_reader = {"REPLICA_ONE_USER": "parent_only", "REPLICA_ONE_PASSWORD": "x"}
+    why = "the demo reads each partition, so its user needs SELECT on each"
+    for env, left_out, served_by in (
+        (as_reader, ["replica-one"], {"replica-two"}),
+        (
+            as_reader | {"REPLICA_TWO_USER": "parent_only", "REPLICA_TWO_PASSWORD": "x"},
+            ["replica-one", "replica-two"],
+            {"master-db"},
+        ),
+    ):
+        before = counts_everywhere(cluster)[0]
+        result = run_demo(cluster, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert sorted(skip["replica"] for skip in report["skipped"]) == left_out
+        for skip in report["skipped"]:
+            variable = skip["replica"].upper().replace("-", "_") + "_USER"
+            assert skip["when"] == "during the reads"
+            assert skip["reason"].startswith("answered the demo's question with an error: permission denied for table ")
+            assert skip["reason"].endswith(f" ({why}): check {variable}")
+        assert {partition["read_from"] for partition in report["partitions"]} == served_by
+        assert sum(partition["actual"] for partition in report["partitions"]) == 5
+        assert counts_everywhere(cluster) == [before + 5] * 3
+
+
 def test_a_replica_asked_for_another_database_is_left_out(cluster: LocalCluster) -> None:
     # The primary's own standby, but another database of it: its tbl_users, if it had one, would hold other rows.
     settings = database_with(cluster, "elsewhere", "CREATE TABLE unrelated (n int)")
