@@ -434,10 +434,12 @@ def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
     try:
         with shard.engine.connect() as connection:
             missing = list(connection.scalars(NOT_STORED_HERE, {"names": names, "bounds": bounds}))
+            # Step 6 reads the shard's own tbl_users, to prove where each row is: may this user read it?
+            readable = connection.scalar(text("SELECT has_table_privilege(to_regclass('tbl_users'), 'SELECT')"))
     except DATABASE_ERRORS as error:
         raise shard_failed(shard, names, error) from None
-    if missing:
-        raise shard_failed(shard, missing, None)
+    if missing or not readable:
+        raise shard_failed(shard, missing or names, None, readable)
     return shard
 
 
@@ -1161,7 +1163,7 @@ class ExitCode(IntEnum):
     AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
     REFUSED = 7, "the primary refused or cancelled a statement, or the COMMIT itself: nothing was written"
     COMMIT_UNKNOWN = 8, "outcome unknown: COMMIT unanswered and the primary unable to say, or a shard not counted"
-    SHARD_DOWN = 9, "a shard was unreachable, lacked its own tables, or stopped before the commit: nothing was written"
+    SHARD_DOWN = 9, "a shard was unreachable, failed its checks, or stopped before the commit: nothing was written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
@@ -1452,9 +1454,13 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
     return DemoError(f"{where} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
 
 
-def shard_failed(shard: Server, names: list[str], error: BaseException | None) -> DemoError:
+def shard_failed(shard: Server, names: list[str], error: BaseException | None, readable: bool = True) -> DemoError:
     where = f"{shard.service} ({shard.address})"
-    if error is None:
+    if error is None and not readable:  # SHARD_ONE_USER=coordinator, say: it may read the partitions, not the parent
+        user, fix = shard.settings.user, to_check(shard.settings, "user")
+        what = f"{where} stores {', '.join(names)} for master-db, but user {user} may not read its tbl_users"
+        what += f" (SELECT), which the demo reads to prove where each row is: {fix}"
+    elif error is None:
         fix = to_check(shard.settings, "host", "port", "name")
         what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db: {fix}"
     elif shard.service in shard.watchdog.gave_up_on:  # asked why: a lock, say

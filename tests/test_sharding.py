@@ -478,6 +478,22 @@ def test_a_shard_setting_that_points_at_another_server_is_refused_before_the_wri
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
 
+def test_a_shard_user_that_may_not_read_its_tbl_users_is_refused_before_the_write(sharded: LocalCluster) -> None:
+    # SHARD_ONE_USER=coordinator, the role master-db uses there: it may read the partitions, not the shard's parent,
+    # which the demo reads to prove where each row is. Found only after the commit, it failed the run, exit 6.
+    before = {node.name: len(ids_on(node)) for node in sharded.shards}
+    shard_one = shard_of(sharded, "shard-one")
+    result = run_demo(sharded, env={"SHARD_ONE_USER": "coordinator", "SHARD_ONE_PASSWORD": COORDINATOR_PASSWORD})
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}) stores tbl_users_p0, tbl_users_p2 for "
+        "master-db, but user coordinator may not read its tbl_users (SELECT), which the demo reads to prove where "
+        "each row is: check SHARD_ONE_USER; nothing was written on any shard"
+    ]
+    assert COORDINATOR_PASSWORD not in result.stderr
+    assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
+
+
 def run_here(sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, users: int) -> Any:
     """sharding_demo.run() in this process against the sharded cluster, with a stall bound of 2 s."""
     for name, value in sharded.demo_environment().items():
