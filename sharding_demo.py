@@ -89,7 +89,7 @@ class DatabaseSettings(BaseSettings):
             return value
         if not value.isprintable():  # a NUL byte, or one that is not UTF-8, is refused (appendix E)
             refuse_if_unsendable(value)
-        if info.field_name == "host":  # "localhost:5432", or a URL, pasted whole, is refused (appendix E)
+        if info.field_name == "host" and ":" in value:  # "localhost:5432", or a URL, pasted whole (appendix E)
             refuse_if_not_a_host(value.strip(), f"{cls.model_config.get('env_prefix')}PORT")
         # "localhost " from a sloppy .env line means "localhost"; a password is kept as it is.
         return value if info.field_name == "password" else value.strip()
@@ -1832,7 +1832,7 @@ def refuse_if_not_a_host(host: str, port_variable: str) -> None:
     """A host with a ':' that is not an IPv6 address (such as ::1) is most often a host and its port, or a URL, pasted
     whole: libpq would look it all up as one name, and say only 'failed to resolve host'. (A host that starts with '/'
     is the folder of a Unix socket, which libpq takes too.)"""
-    if ":" not in host or host.startswith("/"):
+    if host.startswith("/"):
         return
     try:
         ipaddress.ip_address(host)
