@@ -1481,9 +1481,11 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return f"refused the connection: {one_line(error)}"
     if (sqlstate(error) or "").startswith("57P"):  # it ended a session it had let in: shut down, pg_terminate_backend
         return f"ended the connection: {one_line(error)}"
-    if sqlstate(error) == PERMISSION_DENIED:  # SELECT on tbl_users alone does not let a user read its partitions
-        why, fix = "the demo reads each partition, so its user needs SELECT on each", to_check(replica.settings, "user")
-        return f"answered the demo's question with an error: {one_line(error)} ({why}): {fix}"
+    if sqlstate(error) == PERMISSION_DENIED:  # to its settings' user: a read-only role without every grant, say
+        needs, fix = "", to_check(replica.settings, "user")
+        if "for table" in one_line(error):  # SELECT on tbl_users alone does not let a user read its partitions
+            needs = " (the demo reads tbl_users and each partition: its user needs SELECT on all of them)"
+        return f"answered the demo's question with an error: {one_line(error)}{needs}: {fix}"
     if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say
         return f"answered the demo's question with an error: {one_line(error)}"
     return f"unreachable: {one_line(error)}"

@@ -199,7 +199,8 @@ def test_a_replica_that_answers_the_wait_with_an_error_is_not_called_unreachable
     [skip] = json.loads(result.stdout)["skipped"]
     assert skip["replica"] == "replica-one" and skip["when"] == "waited for"
     assert skip["reason"] == (
-        "answered the demo's question with an error: permission denied for function pg_control_system"
+        "answered the demo's question with an error: permission denied for function pg_control_system: check "
+        "REPLICA_ONE_USER"
     ), skip["reason"]
 
 

@@ -233,7 +233,7 @@ def test_a_read_only_role_for_the_replicas_that_may_not_read_the_partitions_is_l
             primary.execute("GRANT SELECT ON tbl_users TO parent_only")
     assert wait_until(lambda: bool(cluster.replicas[1].query("SELECT FROM pg_roles WHERE rolname = 'parent_only'")))
     as_reader = {"REPLICA_ONE_USER": "parent_only", "REPLICA_ONE_PASSWORD": "x"}
-    why = "the demo reads each partition, so its user needs SELECT on each"
+    why = "the demo reads tbl_users and each partition: its user needs SELECT on all of them"
     for env, left_out, served_by in (
         (as_reader, ["replica-one"], {"replica-two"}),
         (
