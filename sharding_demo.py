@@ -438,8 +438,10 @@ def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
             readable = connection.scalar(text("SELECT has_table_privilege(to_regclass('tbl_users'), 'SELECT')"))
     except DATABASE_ERRORS as error:
         raise shard_failed(shard, names, error) from None
-    if missing or not readable:
-        raise shard_failed(shard, missing or names, None, readable)
+    if missing:
+        raise shard_failed(shard, missing, None)
+    if not readable:
+        raise shard_failed(shard, names, None, readable=False)
     return shard
 
 

@@ -478,6 +478,22 @@ def test_a_shard_setting_that_points_at_another_server_is_refused_before_the_wri
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
 
+def test_a_shard_database_without_tbl_users_is_told_as_not_holding_the_partitions(sharded: LocalCluster) -> None:
+    # SHARD_ONE_NAME set to a database there that has no tables at all: no tbl_users, so none that may not be read.
+    shard_one = shard_of(sharded, "shard-one")
+    with tcp(shard_one) as connection:
+        connection.autocommit = True
+        connection.execute("DROP DATABASE IF EXISTS no_shard_tables")
+        connection.execute("CREATE DATABASE no_shard_tables")
+    result = run_demo(sharded, env={"SHARD_ONE_NAME": "no_shard_tables"})
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}) does not hold tbl_users_p0, tbl_users_p2 "
+        "as tables of its own, bound as on master-db: check SHARD_ONE_HOST, SHARD_ONE_PORT and SHARD_ONE_NAME; "
+        "nothing was written on any shard"
+    ]
+
+
 def test_a_shard_user_that_may_not_read_its_tbl_users_is_refused_before_the_write(sharded: LocalCluster) -> None:
     # SHARD_ONE_USER=coordinator, the role master-db uses there: it may read the partitions, not the shard's parent,
     # which the demo reads to prove where each row is. Found only after the commit, it failed the run, exit 6.
