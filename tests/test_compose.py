@@ -127,6 +127,25 @@ def test_master_healthcheck_passes_on_the_initialised_primary(cluster: LocalClus
     assert run_healthcheck(healthcheck_command("master-db"), cluster, cluster.primary) == 0
 
 
+def test_master_healthcheck_takes_any_number_of_partitions_but_none(cluster: LocalCluster) -> None:
+    # A learner who gives init-master.sql 8 partitions, say: the demo follows the catalog, and compose must not call
+    # master-db unhealthy for it (the check wanted exactly 4). Here, for a moment: 3 partitions, then no tbl_users.
+    command = healthcheck_command("master-db")
+    with connect(cluster.primary) as primary:
+        primary.execute("ALTER TABLE tbl_users DETACH PARTITION tbl_users_p3")
+        try:
+            assert run_healthcheck(command, cluster, cluster.primary) == 0
+            primary.execute("ALTER TABLE tbl_users RENAME TO tbl_users_away")
+            try:
+                assert run_healthcheck(command, cluster, cluster.primary) != 0  # init-master.sql did not run
+            finally:
+                primary.execute("ALTER TABLE tbl_users_away RENAME TO tbl_users")
+        finally:
+            primary.execute(
+                "ALTER TABLE tbl_users ATTACH PARTITION tbl_users_p3 FOR VALUES WITH (MODULUS 4, REMAINDER 3)"
+            )
+
+
 def test_replica_healthcheck_passes_on_streaming_standbys_only(cluster: LocalCluster) -> None:
     for name in REPLICAS:
         command = healthcheck_command(name)
