@@ -451,7 +451,7 @@ def test_a_commit_rolled_back_without_an_answer_is_told_as_nothing_written(clust
 def test_a_signal_while_the_libraries_load_is_one_line_too(
     cluster: LocalCluster, signal_number: int, told: str, exit_code: int
 ) -> None:
-    # Python loads SQLAlchemy, psycopg and pydantic for about 0.3 s before the demo's own code runs: a Ctrl-C then
+    # Python loads SQLAlchemy, psycopg and pydantic for about 0.4 s before the demo's own code runs: a Ctrl-C then
     # printed a traceback from inside SQLAlchemy, and SIGTERM ended the demo without a word. The signal is sent once
     # psycopg's C library is loaded, the first of those imports: others remain.
     before = counts_everywhere(cluster)[0]
