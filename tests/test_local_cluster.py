@@ -193,3 +193,13 @@ def test_a_port_base_whose_ports_do_not_exist_is_refused(arguments: list[str], p
         f"local_cluster.py: error: --port-base {arguments[-1]}: the servers would need ports {ports}; "
         "a port is 1 to 65535"
     )
+
+
+def test_a_command_without_its_double_dash_is_told_where_it_goes() -> None:
+    # `python local_cluster.py python sharding_demo.py`: argparse alone said only "unrecognized arguments".
+    result = run_launcher("python", "sharding_demo.py", "--users", "5", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "local_cluster.py: error: unrecognized arguments: python sharding_demo.py --users 5 (a command to run goes "
+        "after --: local_cluster.py -- python sharding_demo.py --users 5)"
+    )
