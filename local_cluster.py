@@ -806,9 +806,13 @@ def run_command(cluster: LocalCluster, command: list[str]) -> int:
             environment = os.environ | cluster.demo_environment()
             try:
                 returncode = subprocess.run(command, env=environment, check=False).returncode
-            except FileNotFoundError:
-                say(f"error: no such program: {command[0]}")
+            except FileNotFoundError:  # not on PATH; if it is a script here, it was named without its interpreter
+                here = Path(command[0]).is_file() and command[0].endswith(".py")
+                say(f"error: no such program: {command[0]}" + (f" (run it as: python {command[0]})" if here else ""))
                 returncode = 127
+            except PermissionError:  # found, but not executable: 126, as a shell says
+                say(f"error: cannot run {command[0]}: not executable (a Python script runs as: python {command[0]})")
+                returncode = 126
     except KeyboardInterrupt:
         say(f"interrupted; stopped all {cluster.how_many} servers and deleted their data")
         return 130

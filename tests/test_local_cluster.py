@@ -146,10 +146,11 @@ def test_no_postgresql_anywhere_names_every_place_looked(monkeypatch: pytest.Mon
         assert place in message
 
 
-def run_launcher(*arguments: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_launcher(*arguments: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(PROJECT_DIR / "local_cluster.py"), *arguments],
         env=clean_environment(),
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -203,3 +204,26 @@ def test_a_command_without_its_double_dash_is_told_where_it_goes() -> None:
         "local_cluster.py: error: unrecognized arguments: python sharding_demo.py --users 5 (a command to run goes "
         "after --: local_cluster.py -- python sharding_demo.py --users 5)"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "told", "exit_code"),
+    [
+        ("sharding_demo.py", "no such program: sharding_demo.py (run it as: python sharding_demo.py)", 127),
+        (
+            "./sharding_demo.py",
+            "cannot run ./sharding_demo.py: not executable (a Python script runs as: python ./sharding_demo.py)",
+            126,
+        ),
+    ],
+)
+def test_the_demo_named_without_python_is_told_how_to_run_it(command: str, told: str, exit_code: int) -> None:
+    # `-- ./sharding_demo.py` (not executable) ended in a traceback from subprocess; both now get one line, and the
+    # servers are stopped as after any command.
+    result = run_launcher("--port-base", str(free_port_base()), "--", command, cwd=PROJECT_DIR)
+    assert result.returncode == exit_code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-2:] == [
+        f"local_cluster.py: error: {told}",
+        "local_cluster.py: stopped all three servers and deleted their data",
+    ]
