@@ -1676,7 +1676,10 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
         return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        message = f"{kept_waiting(primary, 'during the insert')}; nothing was written"
+        try:  # asking why takes up to DEMO_CONNECT_TIMEOUT, long enough for an impatient Ctrl-C
+            message = f"{kept_waiting(primary, 'during the insert')}; nothing was written"
+        except KeyboardInterrupt as interruption:
+            return interrupted(interruption, "before the commit: nothing was written")
         return DemoError(message, ExitCode.PRIMARY_LOST)
     if not answered(error):
         return DemoError(

@@ -241,6 +241,25 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
     assert counts_everywhere(cluster) == [before] * 3  # after SIGCONT the server rolled the COPY back
 
 
+def test_a_ctrl_c_while_the_demo_asks_a_stopped_primary_why_is_told_at_its_stage(cluster: LocalCluster) -> None:
+    # The watchdog has given up on the primary, stopped during the COPY, and the demo asks it why on a new connection,
+    # which a stopped server never answers (up to DEMO_CONNECT_TIMEOUT, 3 s): a Ctrl-C then, 1 s into the question,
+    # was told as "before the insert", the question having left the insert's own handling.
+    before = counts_everywhere(cluster)[0]
+    demo = stalling_demo(cluster, "--users", "500000")
+    wait_for_statement(cluster.primary, "COPY tbl_users%")
+    cluster.primary.pause()
+    try:
+        time.sleep(float(STALL) + 1)
+        demo.send_signal(signal.SIGINT)
+        _, stderr = demo.communicate(timeout=60)
+    finally:
+        cluster.primary.resume()
+    assert demo.returncode == 130, stderr
+    assert errors_of(stderr) == ["sharding_demo.py: error: interrupted (Ctrl-C) before the commit: nothing was written"]
+    assert counts_everywhere(cluster) == [before] * 3  # after SIGCONT the server rolled the COPY back
+
+
 @pytest.mark.parametrize(
     ("mode", "stage", "table"),
     [("ACCESS EXCLUSIVE", "the checks", "tbl_users_p0"), ("SHARE", "the insert", "tbl_users")],
