@@ -1485,7 +1485,7 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return f"ended the connection: {one_line(error)}"
     if sqlstate(error) == PERMISSION_DENIED:  # to its settings' user: a read-only role without every grant, say
         needs, fix = "", to_check(replica.settings, "user")
-        if "for table" in one_line(error):  # SELECT on tbl_users alone does not let a user read its partitions
+        if re.search("for (foreign )?table", one_line(error)):  # SELECT on tbl_users does not reach its partitions
             needs = " (the demo reads tbl_users and each partition: its user needs SELECT on all of them)"
         return f"answered the demo's question with an error: {one_line(error)}{needs}: {fix}"
     if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say

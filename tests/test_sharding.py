@@ -513,6 +513,27 @@ def test_a_shard_user_that_may_not_read_its_tbl_users_is_refused_before_the_writ
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
 
+def test_a_read_only_role_on_a_coordinator_replica_is_left_out_with_the_grant_it_needs(sharded: LocalCluster) -> None:
+    # On the sharded layout the partitions are foreign tables: "permission denied for foreign table tbl_users_p0".
+    with tcp(sharded.primary) as primary:
+        if not primary.execute("SELECT FROM pg_roles WHERE rolname = 'parent_only'").fetchone():
+            primary.execute("CREATE ROLE parent_only LOGIN PASSWORD 'x'")
+            primary.execute("GRANT SELECT ON tbl_users TO parent_only")
+    assert wait_until(lambda: bool(sharded.replicas[0].query("SELECT FROM pg_roles WHERE rolname = 'parent_only'")))
+    # In turn: replica-two reads the parent first, then replica-one is asked for tbl_users_p0 (at random, maybe never)
+    as_reader = {"REPLICA_ONE_USER": "parent_only", "REPLICA_ONE_PASSWORD": "x"}
+    result = run_demo(sharded, "--json", "--read-policy", "round-robin", env=as_reader)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    [skip] = report["skipped"]
+    assert skip["replica"] == "replica-one"
+    assert skip["reason"] == (
+        "answered the demo's question with an error: permission denied for foreign table tbl_users_p0 (the demo reads "
+        "tbl_users and each partition: its user needs SELECT on all of them): check REPLICA_ONE_USER"
+    )
+    assert {partition["read_from"] for partition in report["partitions"]} == {"replica-two"}
+
+
 def run_here(sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, users: int) -> Any:
     """sharding_demo.run() in this process against the sharded cluster, with a stall bound of 2 s."""
     for name, value in sharded.demo_environment().items():
