@@ -1387,7 +1387,7 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
     if answered(error):  # it let the demo in, and answered a question of the checks with an error
         message = f"{where} answered the demo's checks with an error: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
-    return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
+    return DemoError(f"cannot connect to {where}: {unreachable(primary, error)}", ExitCode.PRIMARY_LOST)
 
 
 LAYOUT_THE_DEMO_KNOWS = (
@@ -1490,7 +1490,17 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return f"answered the demo's question with an error: {one_line(error)}{needs}: {fix}"
     if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say
         return f"answered the demo's question with an error: {one_line(error)}"
-    return f"unreachable: {one_line(error)}"
+    return f"unreachable: {unreachable(replica, error)}"
+
+
+def unreachable(server: Server, error: BaseException) -> str:
+    """Why nothing answered at a server's address; with a hint when its host is a compose service's name (master-db,
+    say), which only the containers on compose's network can look up: from this machine, it is localhost."""
+    services = [each.service for each in SERVER_SETTINGS]
+    if "failed to resolve host" in one_line(error) and server.settings.host in services:
+        why = f"{server.settings.host} is a compose service's name, known only on compose's network"
+        return f"{one_line(error)} ({why}; from this machine it is localhost: {to_check(server.settings, 'host')})"
+    return one_line(error)
 
 
 def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple[Any, ...]) -> str:

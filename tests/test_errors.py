@@ -42,6 +42,27 @@ def test_an_ipv6_address_is_shown_in_brackets(cluster: LocalCluster) -> None:
     assert_one_line_error(result.stderr, f"cannot connect to master-db ([::1]:{closed_port}): ")
 
 
+def test_a_compose_service_name_as_the_host_says_it_is_localhost_from_here(cluster: LocalCluster) -> None:
+    # Copied from docker-compose.yml, where the containers reach each other by service name: from this machine the
+    # name resolves to nothing, and "failed to resolve host" alone does not say why.
+    result = run_demo(cluster, env={"MASTER_DB_HOST": "master-db"})
+    assert result.returncode == 3
+    assert_one_line_error(
+        result.stderr,
+        f"cannot connect to master-db (master-db:{cluster.primary.port}): failed to resolve host 'master-db'",
+        "(master-db is a compose service's name, known only on compose's network; from this machine it is "
+        "localhost: check MASTER_DB_HOST)",
+    )
+    result = run_demo(cluster, "--json", env={"REPLICA_TWO_HOST": "replica-two"})
+    assert result.returncode == 0, result.stderr
+    [skip] = json.loads(result.stdout)["skipped"]
+    assert skip["replica"] == "replica-two" and skip["reason"].startswith("unreachable: failed to resolve host")
+    assert skip["reason"].endswith(
+        "(replica-two is a compose service's name, known only on compose's network; from "
+        "this machine it is localhost: check REPLICA_TWO_HOST)"
+    )
+
+
 def test_wrong_password(cluster: LocalCluster) -> None:
     before = count_rows(cluster)
     result = run_demo(cluster, env={"MASTER_DB_PASSWORD": "not-the-password"})
