@@ -90,7 +90,7 @@ class DatabaseSettings(BaseSettings):
         if not value.isprintable():  # a NUL byte, or one that is not UTF-8, is refused (appendix E)
             refuse_if_unsendable(value)
         if info.field_name == "host" and ":" in value:  # "localhost:5432", or a URL, pasted whole (appendix E)
-            refuse_if_not_a_host(value.strip(), f"{cls.model_config.get('env_prefix')}PORT")
+            refuse_if_not_a_host(value.strip(), variable_of(cls, "port"))
         # "localhost " from a sloppy .env line means "localhost"; a password is kept as it is.
         return value if info.field_name == "password" else value.strip()
 
