@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
@@ -231,6 +232,20 @@ def slow_inserts(node: PostgresNode, body: str) -> Iterator[None]:
         yield
     finally:
         node.execute("DROP FUNCTION slow_insert() CASCADE")
+
+
+def a_login_role(cluster: LocalCluster, name: str, *grants: str, options: str = "") -> None:
+    """The role `name`, password 'x', made once on the primary with `options` (CONNECTION LIMIT 0, say), then
+    `grants`; it returns once both replicas have it too, so that a run may log in there as that role."""
+    with connect(cluster.primary) as primary:
+        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [name]).fetchone():
+            primary.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' " + options).format(sql.Identifier(name)))
+            for grant in grants:
+                primary.execute(grant)
+    for replica in cluster.replicas:
+        assert wait_until(
+            lambda replica=replica: bool(replica.query("SELECT FROM pg_roles WHERE rolname = %s", [name]))
+        )
 
 
 def logged_in_as(role: str, password: str) -> dict[str, str]:

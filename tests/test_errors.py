@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 
 import sharding_demo
-from conftest import connect, database_with, logged_in_as, run_demo, wait_until
+from conftest import a_login_role, connect, database_with, logged_in_as, run_demo, wait_until
 from local_cluster import LocalCluster, PostgresNode, free_port_base
 
 
@@ -107,9 +107,7 @@ def test_a_tbl_users_that_the_name_does_not_reach_is_not_called_missing(cluster:
     # The table is there, in schema public; "no table tbl_users ... this is not the demo's server" would be false.
     # A role without USAGE on the schema (REVOKE ALL ON SCHEMA public FROM PUBLIC, a common hardening step), and a
     # search_path without public (PGOPTIONS, or ALTER ROLE ... SET search_path), each keep the name from finding it.
-    with connect(cluster.primary) as primary:
-        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_schema'").fetchone():
-            primary.execute("CREATE ROLE no_schema LOGIN PASSWORD 'x'")
+    a_login_role(cluster, "no_schema")
     settings = database_with(
         cluster,
         "no_schema_here",
@@ -155,15 +153,7 @@ def test_a_database_that_does_not_exist_names_the_setting(cluster: LocalCluster)
 
 def test_a_replica_that_answers_no_is_not_called_unreachable(cluster: LocalCluster) -> None:
     # A role that may not connect at all: the replica answers "too many connections", so it was reached.
-    with connect(cluster.primary) as primary:
-        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_connections'").fetchone():
-            primary.execute("CREATE ROLE no_connections LOGIN PASSWORD 'x' CONNECTION LIMIT 0")
-
-    def replicated() -> bool:
-        with connect(cluster.replicas[0]) as replica:
-            return bool(replica.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_connections'").fetchone())
-
-    assert wait_until(replicated)
+    a_login_role(cluster, "no_connections", options="CONNECTION LIMIT 0")
     result = run_demo(cluster, "--json", env={"REPLICA_ONE_USER": "no_connections", "REPLICA_ONE_PASSWORD": "x"})
     assert result.returncode == 0, result.stderr
     [skip] = json.loads(result.stdout)["skipped"]
@@ -175,9 +165,7 @@ def test_a_replica_that_answers_no_is_not_called_unreachable(cluster: LocalClust
 def a_role_no_control(cluster: LocalCluster) -> None:
     """The role no_control (password 'x'), made once: in a database whose pg_control_system() is revoked from
     PUBLIC, it may not call that function."""
-    with connect(cluster.primary) as primary:
-        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'no_control'").fetchone():
-            primary.execute("CREATE ROLE no_control LOGIN PASSWORD 'x'")
+    a_login_role(cluster, "no_control")
 
 
 def test_a_primary_that_answers_the_checks_with_an_error_is_not_called_unreachable(cluster: LocalCluster) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import (
     DEMO,
+    a_login_role,
     clean_environment,
     connect,
     count_on,
@@ -227,11 +228,7 @@ def test_a_read_only_role_for_the_replicas_that_may_not_read_the_partitions_is_l
     # A role of its own for the reads, as is good practice, granted SELECT on tbl_users only: enough to read through
     # the parent, not the partitions, which the demo reads by name. That replica is left out, the other answers; the
     # run does not fail after its commit. With both replicas so, the reads go to the primary.
-    with connect(cluster.primary) as primary:
-        if not primary.execute("SELECT 1 FROM pg_roles WHERE rolname = 'parent_only'").fetchone():
-            primary.execute("CREATE ROLE parent_only LOGIN PASSWORD 'x'")
-            primary.execute("GRANT SELECT ON tbl_users TO parent_only")
-    assert wait_until(lambda: bool(cluster.replicas[1].query("SELECT FROM pg_roles WHERE rolname = 'parent_only'")))
+    a_login_role(cluster, "parent_only", "GRANT SELECT ON tbl_users TO parent_only")
     as_reader = {"REPLICA_ONE_USER": "parent_only", "REPLICA_ONE_PASSWORD": "x"}
     why = "the demo reads tbl_users and each partition: its user needs SELECT on all of them"
     for env, left_out, served_by in (

@@ -25,6 +25,7 @@ from psycopg import sql
 import sharding_demo
 from conftest import (
     PROJECT_DIR,
+    a_login_role,
     docker_compose,
     functions_outside_the_lesson,
     holding_a_lock,
@@ -515,11 +516,7 @@ def test_a_shard_user_that_may_not_read_its_tbl_users_is_refused_before_the_writ
 
 def test_a_read_only_role_on_a_coordinator_replica_is_left_out_with_the_grant_it_needs(sharded: LocalCluster) -> None:
     # On the sharded layout the partitions are foreign tables: "permission denied for foreign table tbl_users_p0".
-    with tcp(sharded.primary) as primary:
-        if not primary.execute("SELECT FROM pg_roles WHERE rolname = 'parent_only'").fetchone():
-            primary.execute("CREATE ROLE parent_only LOGIN PASSWORD 'x'")
-            primary.execute("GRANT SELECT ON tbl_users TO parent_only")
-    assert wait_until(lambda: bool(sharded.replicas[0].query("SELECT FROM pg_roles WHERE rolname = 'parent_only'")))
+    a_login_role(sharded, "parent_only", "GRANT SELECT ON tbl_users TO parent_only")
     # In turn: replica-two reads the parent first, then replica-one is asked for tbl_users_p0 (at random, maybe never)
     as_reader = {"REPLICA_ONE_USER": "parent_only", "REPLICA_ONE_PASSWORD": "x"}
     result = run_demo(sharded, "--json", "--read-policy", "round-robin", env=as_reader)
