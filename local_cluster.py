@@ -747,11 +747,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         if not command:
             parser.error("nothing to run after --")
     arguments, unknown = parser.parse_known_args(argv)
-    if unknown and not unknown[0].startswith("-"):  # `local_cluster.py python sharding_demo.py`: the -- forgotten
+    if unknown:  # `local_cluster.py python sharding_demo.py`, say: the -- forgotten
         words = " ".join(unknown)
-        parser.error(f"unrecognized arguments: {words} (a command to run goes after --: local_cluster.py -- {words})")
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = "" if unknown[0].startswith("-") else f" (a command to run goes after --: local_cluster.py -- {words})"
+        parser.error(f"unrecognized arguments: {words}{hint}")
     arguments.command = command
     last_port = arguments.port_base + (4 if arguments.sharded else 2)
     if arguments.port_base < 1 or last_port > 65535:
