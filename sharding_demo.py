@@ -611,7 +611,8 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
                     caught_up[replica.service] = elapsed
                     waiting.remove(replica)
                 elif problem or elapsed >= timeout:
-                    leave_out(router, replica, problem or still_behind(replica, lag, elapsed), when="waited for")
+                    problem = problem or f"still {lag:,} bytes of WAL behind after {elapsed:.1f}s"
+                    leave_out(router, replica, problem, when="waited for")
                     waiting.remove(replica)
             time.sleep(0.01)
     finally:
@@ -1242,11 +1243,15 @@ def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[A
         duplicate.shutdown(socket.SHUT_RDWR)
 
 
+def watched_shards(watchdog: Watchdog) -> list[Server]:
+    """The shards this run has connected to (none on the default layout)."""
+    return [each for each in watchdog.servers.values() if isinstance(each.settings, SHARD_SETTINGS)]
+
+
 def shard_that_stopped(server: Server) -> Server | None:
     """The shard that stopped answering, if that is why the watchdog cut `server` off: a coordinator, or its standby,
-    waits on a shard through postgres_fdw, and looks stopped itself. A server that stopped cannot answer a new
-    question; one that only waits can. So if `server` answers now, the shard that does not is the one that stopped
-    (asking a stopped one takes up to the stall bound)."""
+    waits on a shard through postgres_fdw, and looks stopped itself. If `server` answers a new question now, the
+    shard that does not is the one that stopped (asking a stopped one takes up to the stall bound)."""
     shards = watched_shards(server.watchdog)
     if not shards or server in shards:  # the default layout, or a shard itself
         return None
@@ -1256,11 +1261,6 @@ def shard_that_stopped(server: Server) -> Server | None:
     if server.service not in server.watchdog.gave_up_on or not answers(server):
         return None
     return next((shard for shard in shards if not answers(shard)), None)
-
-
-def watched_shards(watchdog: Watchdog) -> list[Server]:
-    """The shards this run has connected to (none on the default layout)."""
-    return [each for each in watchdog.servers.values() if isinstance(each.settings, SHARD_SETTINGS)]
 
 
 def answers(server: Server) -> bool:
@@ -1297,10 +1297,8 @@ def sqlstate(error: BaseException) -> str | None:
 
 def one_line(error: BaseException) -> str:
     """The useful line of a driver error, without SQLAlchemy's SQL echo and background link. Where the server says why
-    in a DETAIL (psycopg puts it on a line of its own), that is added, in brackets: a server that refuses connections
-    ('the database system is not accepting connections (Hot standby mode is disabled.)'), a standby that cancels a read
-    ('conflict with recovery (User was holding a relation lock for too long.)'), or master-db unable to connect to a
-    shard (postgres_fdw: 'could not connect to server "shard_two"'; a wrong password for its role there, say)."""
+    in a DETAIL (psycopg puts it on a line of its own), that is added, in brackets: 'the database system is not
+    accepting connections (Hot standby mode is disabled.)', say."""
     original = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(original).splitlines() if line.strip()]
     first = (lines[0] if lines else type(original).__name__).removeprefix("connection failed: ")
@@ -1387,7 +1385,7 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
     if answered(error):  # it let the demo in, and answered a question of the checks with an error
         message = f"{where} answered the demo's checks with an error: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
-    return DemoError(f"cannot connect to {where}: {unreachable(primary, error)}", ExitCode.PRIMARY_LOST)
+    return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
 
 LAYOUT_THE_DEMO_KNOWS = (
@@ -1411,64 +1409,44 @@ def unusable_partition(primary: Server, name: str, shard: str | None, kind: str,
     return DemoError(message, ExitCode.LAYOUT)
 
 
-# Is there a tbl_users where the name alone finds it (the search_path), how is it partitioned; if not, is there one
-# in a schema that the name does not reach: not on the search_path, or without the USAGE privilege for this user?
-WHERE_IS_TBL_USERS = text("""
-    SELECT to_regclass('tbl_users') IS NOT NULL, pg_get_partkeydef(to_regclass('tbl_users')),
-           n.nspname, has_schema_privilege(n.oid, 'USAGE'), current_setting('search_path'), current_user
-    FROM (SELECT) AS one LEFT JOIN pg_class AS c ON c.relname = 'tbl_users' AND c.relkind IN ('r', 'p')
-    LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace
-    ORDER BY has_schema_privilege(n.oid, 'USAGE') LIMIT 1""")
+TBL_USERS = text("SELECT to_regclass('tbl_users') IS NOT NULL, pg_get_partkeydef(to_regclass('tbl_users'))")
 
 
 def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
-    where = f"{primary.service} ({primary.address})"
+    where, settings = f"{primary.service} ({primary.address})", primary.settings
     if facts.identity[0]:
-        fix = to_check(primary.settings, "host", "port")
-        return DemoError(f"{where} is a standby, not the primary: {fix}", ExitCode.CONFIG)
+        return DemoError(
+            f"{where} is a standby, not the primary: {to_check(settings, 'host', 'port')}", ExitCode.CONFIG
+        )
     if facts.partitions:
         greatest, uncovered = max(p.modulus for p in facts.partitions), uncovered_remainders(facts.partitions)
         what = f"partitions of tbl_users that leave remainders {uncovered} of modulus {greatest} without a partition"
         return DemoError(f"{where} has {what}: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
     try:
         with primary.engine.connect() as connection:
-            exists, key, schema, usable, search_path, user = connection.execute(WHERE_IS_TBL_USERS).one()
+            found, key = connection.execute(TBL_USERS).one()
     except DATABASE_ERRORS as error:
         return primary_failed(primary, error)
-    if not exists and schema is not None and not usable:  # REVOKE ALL ON SCHEMA public FROM PUBLIC, say
-        what = f"schema {schema}, which user {user} may not use: GRANT USAGE ON SCHEMA {schema} TO {user}"
-        return DemoError(f"{where} has tbl_users in {what}", ExitCode.LAYOUT)
-    if not exists and schema is not None:  # ALTER ROLE or DATABASE ... SET search_path, or PGOPTIONS
-        what = f"schema {schema}, which is not on the search_path ({search_path}) of user {user}"
-        why = "the demo names the table without a schema, as an application does"
-        return DemoError(f"{where} has tbl_users in {what}: {why}", ExitCode.LAYOUT)
-    name = primary.settings.name
-    if not exists and name != "postgres":  # init-master.sql runs in the database POSTGRES_DB names: postgres
-        fix = to_check(primary.settings, "name")
-        return DemoError(
-            f"{where} has no table tbl_users in database {name}; the demo's is in postgres: {fix}", ExitCode.LAYOUT
-        )
-    if not exists:  # a server of your own on the demo's port, say (README, Troubleshooting)
-        start = "start it with `docker compose up -d --wait` or `python local_cluster.py`"
-        what = f"which init-master.sql makes: this is not the demo's server, or its table was dropped ({start})"
-        return DemoError(f"{where} has no table tbl_users in database postgres, {what}", ExitCode.LAYOUT)
+    if not found:  # to_regclass() looks as the application's queries do: the search_path's schemas that it may use
+        what = f"no table tbl_users that user {settings.user} finds by name in database {settings.name}"
+        made = "(on its search_path, in a schema it may use); init-master.sql makes it in public, in database postgres"
+        return DemoError(f"{where} has {what} {made}: {to_check(settings, 'port', 'name')}", ExitCode.LAYOUT)
     what = "that is not partitioned" if key is None else "without partitions"
     return DemoError(f"{where} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
 
 
 def shard_failed(shard: Server, names: list[str], error: BaseException | None, readable: bool = True) -> DemoError:
-    where = f"{shard.service} ({shard.address})"
+    where, stores = f"{shard.service} ({shard.address})", ", ".join(names)
     if error is None and not readable:  # SHARD_ONE_USER=coordinator, say: it may read the partitions, not the parent
-        user, fix = shard.settings.user, to_check(shard.settings, "user")
-        what = f"{where} stores {', '.join(names)} for master-db, but user {user} may not read its tbl_users"
-        what += f" (SELECT), which the demo reads to prove where each row is: {fix}"
+        what = f"{where} stores {stores} for master-db, but user {shard.settings.user} may not read its tbl_users"
+        what += f" (SELECT), which the demo reads to prove where each row is: {to_check(shard.settings, 'user')}"
     elif error is None:
         fix = to_check(shard.settings, "host", "port", "name")
-        what = f"{where} does not hold {', '.join(names)} as tables of its own, bound as on master-db: {fix}"
+        what = f"{where} does not hold {stores} as tables of its own, bound as on master-db: {fix}"
     elif shard.service in shard.watchdog.gave_up_on:  # asked why: a lock, say
-        what = f"{kept_waiting(shard, 'during the checks')}; it stores {', '.join(names)} for master-db"
+        what = f"{kept_waiting(shard, 'during the checks')}; it stores {stores} for master-db"
     else:
-        what = f"{where}, which stores {', '.join(names)} for master-db, {replica_failure(shard, error)}"
+        what = f"{where}, which stores {stores} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 
 
@@ -1483,24 +1461,14 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return f"refused the connection: {one_line(error)}"
     if (sqlstate(error) or "").startswith("57P"):  # it ended a session it had let in: shut down, pg_terminate_backend
         return f"ended the connection: {one_line(error)}"
+    answer = f"answered the demo's question with an error: {one_line(error)}"
     if sqlstate(error) == PERMISSION_DENIED:  # to its settings' user: a read-only role without every grant, say
-        needs, fix = "", to_check(replica.settings, "user")
-        if re.search("for (foreign )?table", one_line(error)):  # SELECT on tbl_users does not reach its partitions
-            needs = " (the demo reads tbl_users and each partition: its user needs SELECT on all of them)"
-        return f"answered the demo's question with an error: {one_line(error)}{needs}: {fix}"
+        if re.search("for (foreign )?table", answer):  # SELECT on tbl_users does not reach its partitions
+            answer += " (the demo reads tbl_users and each partition: its user needs SELECT on all of them)"
+        return f"{answer}: {to_check(replica.settings, 'user')}"
     if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say
-        return f"answered the demo's question with an error: {one_line(error)}"
-    return f"unreachable: {unreachable(replica, error)}"
-
-
-def unreachable(server: Server, error: BaseException) -> str:
-    """Why nothing answered at a server's address; with a hint when its host is a compose service's name (master-db,
-    say), which only the containers on compose's network can look up: from this machine, it is localhost."""
-    services = [each.service for each in SERVER_SETTINGS]
-    if "failed to resolve host" in one_line(error) and server.settings.host in services:
-        why = f"{server.settings.host} is a compose service's name, known only on compose's network"
-        return f"{one_line(error)} ({why}; from this machine it is localhost: {to_check(server.settings, 'host')})"
-    return one_line(error)
+        return answer
+    return f"unreachable: {one_line(error)}"
 
 
 def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple[Any, ...]) -> str:
@@ -1517,12 +1485,12 @@ def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple
     twin = router.first_seen_as[(system_identifier, started_at)]
     if twin is not replica:  # which of the two settings is wrong, only you can tell
         fix = to_check([twin.settings, replica.settings], "host", "port")
-        same = "the same system identifier and start time"
-        return f"is the same server as {twin.service} ({twin.address}; {same}): {fix}"
+        return (
+            f"is the same server as {twin.service} ({twin.address}; the same system identifier and start time): {fix}"
+        )
     if in_recovery:  # the primary's standby, asked for another database
         asked, expected = replica.settings.name, router.primary.settings.name
-        fix = to_check(replica.settings, "name")
-        return f"is asked for database {asked}, not {expected} as the primary is: {fix}"
+        return f"is asked for database {asked}, not {expected} as the primary is: {to_check(replica.settings, 'name')}"
     return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
 
 
@@ -1553,34 +1521,6 @@ def left_out_during_the_reads(report: Report) -> list[str]:
 def primary_served_reads(report: Report) -> bool:
     answers = [report.landing, *report.contents, report.first_user, report.pruning]
     return any(answer.server is report.written.primary for answer in answers)
-
-
-# Why a standby is behind, if it can say: its replay paused (pg_wal_replay_pause(), as docs/failures.md does), its WAL
-# applied late on purpose (recovery_min_apply_delay), or no WAL coming in (no WAL receiver: it cannot reach the
-# primary, or the primary turned it away; its log says which).
-WHY_BEHIND = text("""
-    SELECT pg_get_wal_replay_pause_state(), current_setting('recovery_min_apply_delay'),
-           EXISTS (SELECT FROM pg_stat_wal_receiver)""")
-
-
-def still_behind(replica: Server, lag: int | None, elapsed: float) -> str:
-    """'still 40 bytes of WAL behind after 5.0s', and why, asked of the replica: the catch-up deadline has passed, so
-    the watchdog cuts the question off at once if it is not answered."""
-    behind = f"still {lag:,} bytes of WAL behind after {elapsed:.1f}s"
-    if lag is None:
-        behind = f"its replay position is unknown after {elapsed:.1f}s"
-    try:
-        with replica.engine.connect() as connection:
-            paused, delay, receiving = connection.execute(WHY_BEHIND).one()
-    except DATABASE_ERRORS:
-        return behind
-    if paused != "not paused":  # 'paused', or 'pause requested' (it pauses at the next WAL record)
-        return f"{behind}: its replay is paused (SELECT pg_wal_replay_resume() there resumes it)"
-    if delay != "0":
-        return f"{behind}: it applies the WAL late on purpose (recovery_min_apply_delay = {delay})"
-    if not receiving:
-        return f"{behind}: it receives no WAL (no WAL receiver runs there: its log says why)"
-    return behind
 
 
 def committed(written: Written) -> str:
@@ -1622,11 +1562,8 @@ class CommitRefused(DemoError):
             told.append(f"{shard.service} kept {count:,} of this run's {len(self.ids):,} users{note}")
         refused, each = self.what, ", ".join(told)
         if kept_some:  # what a shard has committed stays, whatever the others did
-            outcome = DemoError(
-                f"{refused}; partly committed, as read on each shard: {each}; those stay (postgres_fdw has no "
-                "two-phase commit), and tbl_users shows them",
-                ExitCode.PARTLY_COMMITTED,
-            )
+            message = f"{refused}; partly committed, as read on each shard: {each}; those stay (postgres_fdw has no "
+            outcome = DemoError(message + "two-phase commit), and tbl_users shows them", ExitCode.PARTLY_COMMITTED)
         elif all_known:
             outcome = DemoError(f"{self}; read on each shard: none kept any of this run's users", self.exit_code)
         else:
@@ -1682,9 +1619,6 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         return outcome_of_the_commit(written, error, xid)
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, "before the commit: nothing was written")
-    if sqlstate(error) == "57014":
-        what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
-        return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
         try:  # asking why takes up to DEMO_CONNECT_TIMEOUT, long enough for an impatient Ctrl-C
             message = f"{kept_waiting(primary, 'during the insert')}; nothing was written"
@@ -1692,9 +1626,11 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
             return interrupted(interruption, "before the commit: nothing was written")
         return DemoError(message, ExitCode.PRIMARY_LOST)
     if not answered(error):
-        return DemoError(
-            f"lost {primary.service} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
-        )
+        message = f"lost {primary.service} during the insert: {one_line(error)}; nothing was written"
+        return DemoError(message, ExitCode.PRIMARY_LOST)
+    if sqlstate(error) == "57014":  # query_canceled
+        what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
+        return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
 
 
