@@ -611,8 +611,7 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
                     caught_up[replica.service] = elapsed
                     waiting.remove(replica)
                 elif problem or elapsed >= timeout:
-                    problem = problem or f"still {lag:,} bytes of WAL behind after {elapsed:.1f}s"
-                    leave_out(router, replica, problem, when="waited for")
+                    leave_out(router, replica, problem or still_behind(lag, elapsed), when="waited for")
                     waiting.remove(replica)
             time.sleep(0.01)
     finally:
@@ -1243,15 +1242,11 @@ def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[A
         duplicate.shutdown(socket.SHUT_RDWR)
 
 
-def watched_shards(watchdog: Watchdog) -> list[Server]:
-    """The shards this run has connected to (none on the default layout)."""
-    return [each for each in watchdog.servers.values() if isinstance(each.settings, SHARD_SETTINGS)]
-
-
 def shard_that_stopped(server: Server) -> Server | None:
     """The shard that stopped answering, if that is why the watchdog cut `server` off: a coordinator, or its standby,
-    waits on a shard through postgres_fdw, and looks stopped itself. If `server` answers a new question now, the
-    shard that does not is the one that stopped (asking a stopped one takes up to the stall bound)."""
+    waits on a shard through postgres_fdw, and looks stopped itself. A server that stopped cannot answer a new
+    question; one that only waits can. So if `server` answers now, the shard that does not is the one that stopped
+    (asking a stopped one takes up to the stall bound)."""
     shards = watched_shards(server.watchdog)
     if not shards or server in shards:  # the default layout, or a shard itself
         return None
@@ -1261,6 +1256,11 @@ def shard_that_stopped(server: Server) -> Server | None:
     if server.service not in server.watchdog.gave_up_on or not answers(server):
         return None
     return next((shard for shard in shards if not answers(shard)), None)
+
+
+def watched_shards(watchdog: Watchdog) -> list[Server]:
+    """The shards this run has connected to (none on the default layout)."""
+    return [each for each in watchdog.servers.values() if isinstance(each.settings, SHARD_SETTINGS)]
 
 
 def answers(server: Server) -> bool:
@@ -1415,9 +1415,8 @@ TBL_USERS = text("SELECT to_regclass('tbl_users') IS NOT NULL, pg_get_partkeydef
 def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
     where, settings = f"{primary.service} ({primary.address})", primary.settings
     if facts.identity[0]:
-        return DemoError(
-            f"{where} is a standby, not the primary: {to_check(settings, 'host', 'port')}", ExitCode.CONFIG
-        )
+        fix = to_check(settings, "host", "port")
+        return DemoError(f"{where} is a standby, not the primary: {fix}", ExitCode.CONFIG)
     if facts.partitions:
         greatest, uncovered = max(p.modulus for p in facts.partitions), uncovered_remainders(facts.partitions)
         what = f"partitions of tbl_users that leave remainders {uncovered} of modulus {greatest} without a partition"
@@ -1485,12 +1484,12 @@ def what_it_is_instead(router: ReadWriteRouter, replica: Server, identity: tuple
     twin = router.first_seen_as[(system_identifier, started_at)]
     if twin is not replica:  # which of the two settings is wrong, only you can tell
         fix = to_check([twin.settings, replica.settings], "host", "port")
-        return (
-            f"is the same server as {twin.service} ({twin.address}; the same system identifier and start time): {fix}"
-        )
+        same = "the same system identifier and start time"
+        return f"is the same server as {twin.service} ({twin.address}; {same}): {fix}"
     if in_recovery:  # the primary's standby, asked for another database
         asked, expected = replica.settings.name, router.primary.settings.name
-        return f"is asked for database {asked}, not {expected} as the primary is: {to_check(replica.settings, 'name')}"
+        fix = to_check(replica.settings, "name")
+        return f"is asked for database {asked}, not {expected} as the primary is: {fix}"
     return "was promoted: it is a primary now (pg_is_in_recovery() is false), a copy of this primary gone its own way"
 
 
@@ -1521,6 +1520,12 @@ def left_out_during_the_reads(report: Report) -> list[str]:
 def primary_served_reads(report: Report) -> bool:
     answers = [report.landing, *report.contents, report.first_user, report.pruning]
     return any(answer.server is report.written.primary for answer in answers)
+
+
+def still_behind(lag: int | None, elapsed: float) -> str:
+    if lag is None:
+        return f"its replay position is unknown after {elapsed:.1f}s"
+    return f"still {lag:,} bytes of WAL behind after {elapsed:.1f}s"
 
 
 def committed(written: Written) -> str:
@@ -1562,8 +1567,11 @@ class CommitRefused(DemoError):
             told.append(f"{shard.service} kept {count:,} of this run's {len(self.ids):,} users{note}")
         refused, each = self.what, ", ".join(told)
         if kept_some:  # what a shard has committed stays, whatever the others did
-            message = f"{refused}; partly committed, as read on each shard: {each}; those stay (postgres_fdw has no "
-            outcome = DemoError(message + "two-phase commit), and tbl_users shows them", ExitCode.PARTLY_COMMITTED)
+            outcome = DemoError(
+                f"{refused}; partly committed, as read on each shard: {each}; those stay (postgres_fdw has no "
+                "two-phase commit), and tbl_users shows them",
+                ExitCode.PARTLY_COMMITTED,
+            )
         elif all_known:
             outcome = DemoError(f"{self}; read on each shard: none kept any of this run's users", self.exit_code)
         else:
@@ -1619,6 +1627,9 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         return outcome_of_the_commit(written, error, xid)
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, "before the commit: nothing was written")
+    if sqlstate(error) == "57014":
+        what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
+        return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
         try:  # asking why takes up to DEMO_CONNECT_TIMEOUT, long enough for an impatient Ctrl-C
             message = f"{kept_waiting(primary, 'during the insert')}; nothing was written"
@@ -1626,11 +1637,9 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
             return interrupted(interruption, "before the commit: nothing was written")
         return DemoError(message, ExitCode.PRIMARY_LOST)
     if not answered(error):
-        message = f"lost {primary.service} during the insert: {one_line(error)}; nothing was written"
-        return DemoError(message, ExitCode.PRIMARY_LOST)
-    if sqlstate(error) == "57014":  # query_canceled
-        what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
-        return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
+        return DemoError(
+            f"lost {primary.service} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
+        )
     return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
 
 
