@@ -297,6 +297,10 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
             # The demo asks each server what it is itself: a PGTARGETSESSIONATTRS in the environment must
             # not have libpq turn a replica away first ("session is read-only").
             "target_session_attrs": "any",
+            # When the watchdog (below) cuts a connection off, its server process would go on with the statement,
+            # waiting for a lock, say, until it next wrote to us. With this it checks every second that we are still
+            # there, and ends the statement if not (PostgreSQL 14 and later). A PGOPTIONS of yours is kept.
+            "options": f"{os.environ.get('PGOPTIONS', '')} -c client_connection_check_interval=1s",
         },
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address: [::1]:5432
@@ -321,7 +325,7 @@ class Watchdog:
     def __init__(self, stall_timeout: float) -> None:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
         self.watched: dict[Any, tuple[Server, float | None]] = {}  # psycopg connection: (server, busy since)
-        self.gave_up_on: dict[str, tuple[str, int]] = {}  # the services it cut off: why, and the server process cut off
+        self.gave_up_on: dict[str, str] = {}  # the services it cut off, and why
         self.servers: dict[str, Server] = {}  # every server it has watched, by service
         self.last_progress, self.lock = time.monotonic(), threading.Lock()
         threading.Thread(target=self.look, daemon=True).start()
@@ -1159,7 +1163,7 @@ class ExitCode(IntEnum):
     meaning: str
     OK = 0, "success, also when a replica was left out (the report says which, and why)"
     CONFIG = 2, "an invalid setting or flag (the message names it), or a .env that cannot be read"
-    PRIMARY_LOST = 3, "the primary is unreachable, was lost, stopped answering or kept us waiting: nothing was written"
+    PRIMARY_LOST = 3, "the primary is unreachable, was lost, or did not answer in time: nothing was written"
     LOGIN_REFUSED = 4, "the primary refused the login"
     LAYOUT = 5, "tbl_users is missing, out of reach, or partitioned so the demo cannot predict it: nothing was written"
     AFTER_COMMIT = 6, "a failure after the commit: the users are committed (the message says how many, and where)"
@@ -1231,12 +1235,14 @@ def stopped(error: BaseException, report: Report | None) -> int:
 def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[Any], now: float) -> None:
     """Note why the watchdog gives up on a server (silent for too long, or past the catch-up wait's deadline), then
     shutdown(2) the connection's socket, through a duplicate of its file descriptor: the call waiting on it returns
-    at once with an error. (suppress: libpq may have closed it.)"""
-    why = f"nothing for {watchdog.stall_timeout:g} s" if now <= watchdog.deadline else "nothing by the deadline"
-    pid = 0  # its server process, for the question "why?" (0: unknown, as when libpq has closed the connection)
-    with suppress(psycopg.Error):
-        pid = connection.pgconn.backend_pid
-    watchdog.gave_up_on[server.service] = (f"stopped answering ({why})", pid)
+    at once with an error. (suppress: libpq may have closed it.) What it saw is all it says: a server that has
+    stopped and one whose statement waits, for a lock say, look the same from here (docs/failures.md tells them
+    apart)."""
+    if now <= watchdog.deadline:
+        why = f"did not answer for {watchdog.stall_timeout:g} s (DEMO_STALL_TIMEOUT)"
+    else:
+        why = "did not answer by the catch-up deadline (DEMO_CATCHUP_TIMEOUT)"
+    watchdog.gave_up_on[server.service] = why
     # nothing may stop the watchdog's thread
     with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
         duplicate.shutdown(socket.SHUT_RDWR)
@@ -1310,50 +1316,7 @@ def cause(server: Server, error: BaseException) -> str:
     """What went wrong with a server, in words: why the watchdog cut it off, or the driver's error."""
     if server.service not in server.watchdog.gave_up_on:
         return one_line(error)
-    why, _ = server.watchdog.gave_up_on[server.service]
-    return why
-
-
-# What the demo's server process, cut off by the watchdog, is doing now: if it waits for a lock, on which table, and
-# which process blocks it (pg_blocking_pids: one that holds a lock in the way, or waits for one ahead of it), in what
-# state, after which statement. No row: the process has gone.
-STILL_THERE = text("""
-    SELECT ours.wait_event_type, ours.wait_event, CAST(CAST(lock.relation AS regclass) AS text),
-           blocker.pid, blocker.state, blocker.query
-    FROM pg_stat_activity AS ours
-    LEFT JOIN pg_locks AS lock ON lock.pid = ours.pid AND NOT lock.granted
-    LEFT JOIN pg_stat_activity AS blocker ON blocker.pid = (pg_blocking_pids(ours.pid))[1]
-    WHERE ours.pid = :pid""")
-
-
-def kept_waiting(server: Server, during: str) -> str:
-    """'master-db (host:port) stopped answering ... during the insert', or why it did not, asked of the server itself
-    after the watchdog gave up on it (before the commit). One that answers now has not stopped: the demo's statement
-    was still running there, most often waiting for a lock that another session holds (say, an open transaction in
-    psql that ran TRUNCATE, ALTER TABLE or LOCK on tbl_users). Asking one that has stopped takes up to
-    DEMO_CONNECT_TIMEOUT."""
-    where = f"{server.service} ({server.address})"
-    why, pid = server.watchdog.gave_up_on[server.service]
-    try:
-        with server.engine.connect() as connection:
-            now = connection.execute(STILL_THERE, {"pid": pid}).first()
-            if now is not None:  # the demo has given up on that statement: end it there too, not leave it waiting
-                connection.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
-    except DATABASE_ERRORS:  # it does not answer: it has stopped
-        now = None
-    if now is None:  # or it answers, and the process has gone: say what the watchdog saw
-        return f"{where} {why} {during}"
-    wait_type, wait_event, table_name, blocker, state, statement = now
-    waited = f"{where} kept the demo waiting {server.watchdog.stall_timeout:g} s {during}"
-    if wait_type == "Lock" and blocker is not None:
-        what = f"a lock on {table_name}" if table_name else "a lock"
-        last = " ".join(str(statement).split())[:80]  # on one line, and not too long
-        seen = f"{state}; last statement: {last}"
-        if state is None:  # pg_stat_activity shows another role's session only to that role, and to pg_read_all_stats
-            seen = "a session of another role, whose state and statements this role may not see"
-        return f"{waited}: its statement waits for {what}, blocked by process {blocker} ({seen})"
-    event = f"{wait_type}: {wait_event}" if wait_type else "none"
-    return f"{waited}: its statement is still running there (wait event {event})"
+    return server.watchdog.gave_up_on[server.service]
 
 
 def refused_login(error: BaseException) -> bool:
@@ -1380,7 +1343,7 @@ def primary_failed(primary: Server, error: BaseException) -> DemoError:
         message = f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        message = f"{kept_waiting(primary, 'during the checks')}; nothing was written"
+        message = f"{where} {cause(primary, error)} during the checks; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
     if answered(error):  # it let the demo in, and answered a question of the checks with an error
         message = f"{where} answered the demo's checks with an error: {one_line(error)}; nothing was written"
@@ -1442,8 +1405,6 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None, r
     elif error is None:
         fix = to_check(shard.settings, "host", "port", "name")
         what = f"{where} does not hold {stores} as tables of its own, bound as on master-db: {fix}"
-    elif shard.service in shard.watchdog.gave_up_on:  # asked why: a lock, say
-        what = f"{kept_waiting(shard, 'during the checks')}; it stores {stores} for master-db"
     else:
         what = f"{where}, which stores {stores} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
@@ -1631,11 +1592,8 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
         return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        try:  # asking why takes up to DEMO_CONNECT_TIMEOUT, long enough for an impatient Ctrl-C
-            message = f"{kept_waiting(primary, 'during the insert')}; nothing was written"
-        except KeyboardInterrupt as interruption:
-            return interrupted(interruption, "before the commit: nothing was written")
-        return DemoError(message, ExitCode.PRIMARY_LOST)
+        what = f"{primary.service} ({primary.address}) {cause(primary, error)} during the insert"
+        return DemoError(f"{what}; nothing was written", ExitCode.PRIMARY_LOST)
     if not answered(error):
         return DemoError(
             f"lost {primary.service} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST

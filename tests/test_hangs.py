@@ -126,7 +126,7 @@ def test_a_replica_stopped_during_the_read_back_is_left_out_and_the_read_retried
 
     [skip] = report.skipped
     assert (skip.replica.service, skip.when) == (paused[0].name, "during the reads")
-    assert skip.reason == f"stopped answering (nothing for {STALL} s)"
+    assert skip.reason == f"did not answer for {STALL} s (DEMO_STALL_TIMEOUT)"
     other = next(replica.name for replica in cluster.replicas if replica is not paused[0])
     assert report.landing.server.service == other  # the read was retried there, and answered
     assert sum(report.landing.value[0].values()) == 5
@@ -179,7 +179,7 @@ def test_a_replica_that_stops_as_the_first_connection_opens_is_cut_off_too(clust
     assert result.returncode == 0, result.stderr
     [skip] = json.loads(result.stdout)["skipped"]
     assert (skip["replica"], skip["when"]) == (replica.name, "waited for")
-    assert skip["reason"] == f"stopped answering (nothing for {STALL} s)"
+    assert skip["reason"] == f"did not answer for {STALL} s (DEMO_STALL_TIMEOUT)"
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 
@@ -198,7 +198,7 @@ def test_a_replica_stopped_during_the_catch_up_wait_is_cut_off_at_the_stall_boun
     report = sharding_demo.json.loads(stdout)
     [skip] = report["skipped"]
     assert (skip["replica"], skip["when"]) == (lagging.name, "waited for")
-    assert skip["reason"] == f"stopped answering (nothing for {STALL} s)"
+    assert skip["reason"] == f"did not answer for {STALL} s (DEMO_STALL_TIMEOUT)"
     assert seconds < float(STALL) + 3, seconds  # the stall bound, not the 30 s of the catch-up
     assert {partition["read_from"] for partition in report["partitions"]} == {cluster.replicas[1].name}
     resume_replay(lagging)
@@ -218,7 +218,7 @@ def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(c
     seconds = time.monotonic() - started
 
     assert demo.returncode == 0, stderr
-    assert f"{lagging.name} ({'127.0.0.1'}:{lagging.port}): stopped answering (nothing by the deadline)" in stdout
+    assert f"{lagging.name} ({'127.0.0.1'}:{lagging.port}): did not answer by the catch-up deadline" in stdout
     assert seconds < 2 + 4, seconds  # the catch-up deadline (2 s), not the stall bound (60 s)
     resume_replay(lagging)
     assert counts_everywhere(cluster) == [before + 5] * 3
@@ -234,93 +234,51 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
     [line] = errors_of(stderr)
     assert line == (
         f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) "
-        f"stopped answering (nothing for {STALL} s) during the insert; nothing was written"
+        f"did not answer for {STALL} s (DEMO_STALL_TIMEOUT) during the insert; nothing was written"
     )
-    # the stall bound, then the connection bound of the question "why?", which a stopped server does not answer
-    assert seconds < float(STALL) + 3 + 3, seconds
+    assert seconds < float(STALL) + 3, seconds
     assert counts_everywhere(cluster) == [before] * 3  # after SIGCONT the server rolled the COPY back
 
 
-def test_a_ctrl_c_while_the_demo_asks_a_stopped_primary_why_is_told_at_its_stage(cluster: LocalCluster) -> None:
-    # The watchdog has given up on the primary, stopped during the COPY, and the demo asks it why on a new connection,
-    # which a stopped server never answers (up to DEMO_CONNECT_TIMEOUT, 3 s): a Ctrl-C then, 1 s into the question,
-    # was told as "before the insert", the question having left the insert's own handling.
-    before = counts_everywhere(cluster)[0]
-    demo = stalling_demo(cluster, "--users", "500000")
-    wait_for_statement(cluster.primary, "COPY tbl_users%")
-    cluster.primary.pause()
-    try:
-        time.sleep(float(STALL) + 1)
-        demo.send_signal(signal.SIGINT)
-        _, stderr = demo.communicate(timeout=60)
-    finally:
-        cluster.primary.resume()
-    assert demo.returncode == 130, stderr
-    assert errors_of(stderr) == ["sharding_demo.py: error: interrupted (Ctrl-C) before the commit: nothing was written"]
-    assert counts_everywhere(cluster) == [before] * 3  # after SIGCONT the server rolled the COPY back
-
-
-@pytest.mark.parametrize(
-    ("mode", "stage", "table"),
-    [("ACCESS EXCLUSIVE", "the checks", "tbl_users_p0"), ("SHARE", "the insert", "tbl_users")],
-)
-def test_a_primary_that_waits_for_a_lock_is_not_called_stopped(
-    cluster: LocalCluster, mode: str, stage: str, table: str
+@pytest.mark.parametrize(("mode", "stage"), [("ACCESS EXCLUSIVE", "the checks"), ("SHARE", "the insert")])
+def test_a_primary_that_waits_for_a_lock_is_told_as_not_answering_and_its_statement_ends(
+    cluster: LocalCluster, mode: str, stage: str
 ) -> None:
     # A learner's open transaction in psql holds a lock on tbl_users. ACCESS EXCLUSIVE (TRUNCATE, ALTER TABLE) keeps
-    # even the demo's catalog questions waiting; SHARE (CREATE INDEX) keeps only its INSERT waiting. The primary
-    # answers all the while: the watchdog gives up, and the demo asks the primary why, and ends its own statement.
+    # even the demo's catalog questions waiting; SHARE (CREATE INDEX) keeps only its INSERT waiting. The demo says
+    # what it saw, not that the primary stopped; and with client_connection_check_interval its server process ends
+    # its statement once the watchdog has cut the connection, instead of waiting on for the lock.
     before = counts_everywhere(cluster)[0]
-    with holding_a_lock(cluster.primary, f"LOCK TABLE tbl_users IN {mode} MODE") as blocker:
+    with holding_a_lock(cluster.primary, f"LOCK TABLE tbl_users IN {mode} MODE"):
         result = run_demo(cluster, env={"DEMO_STALL_TIMEOUT": STALL})
         assert result.returncode == 3, result.stderr
         [line] = errors_of(result.stderr)
         assert line == (
-            f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) kept the demo waiting {STALL} s "
-            f"during {stage}: its statement waits for a lock on {table}, blocked by process {blocker} "
-            f"(idle in transaction; last statement: LOCK TABLE tbl_users IN {mode} MODE); nothing was written"
+            f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) did not answer for {STALL} s "
+            f"(DEMO_STALL_TIMEOUT) during {stage}; nothing was written"
         )
-        # its statement was ended there, not left waiting for the lock
         demo_sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sharding_demo'"
-        assert wait_until(lambda: cluster.primary.query(demo_sessions) == [(0,)], timeout=10)
+        assert wait_until(lambda: cluster.primary.query(demo_sessions) == [(0,)], timeout=5)
     assert counts_everywhere(cluster) == [before] * 3
 
 
-def test_a_lock_held_by_another_role_is_told_without_what_this_role_may_not_see(cluster: LocalCluster) -> None:
-    settings = database_with(
-        cluster,
-        "locked",
-        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
-        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 1, REMAINDER 0)",
-        "DROP ROLE IF EXISTS learner",
-        "CREATE ROLE learner LOGIN PASSWORD 'learner'",
-        "GRANT INSERT, SELECT ON tbl_users, tbl_users_p0 TO learner",
-    )
-    with holding_a_lock(cluster.primary, "LOCK TABLE tbl_users IN SHARE MODE", "locked") as blocker:  # as postgres
-        result = run_demo(cluster, env=settings | logged_in_as("learner", "learner") | {"DEMO_STALL_TIMEOUT": STALL})
-    assert result.returncode == 3, result.stderr
-    [line] = errors_of(result.stderr)
-    assert line.endswith(
-        f"its statement waits for a lock on tbl_users, blocked by process {blocker} (a session of another role, "
-        "whose state and statements this role may not see); nothing was written"
-    )
-    assert count_on(cluster.primary, "locked") == 0
-
-
-def test_a_primary_still_running_the_insert_is_not_called_stopped(cluster: LocalCluster) -> None:
-    # A trigger that a learner added, and that takes its time: the primary answers, and says what its process does.
+def test_a_primary_still_running_the_insert_ends_it_when_the_demo_gives_up(cluster: LocalCluster) -> None:
+    # A trigger that a learner added, and that takes its time: the demo gives up at the stall bound, and the server,
+    # which checks every second that its client is still there, ends the statement (not the trigger's 60 s later).
     before = counts_everywhere(cluster)[0]
     with slow_inserts(cluster.primary, "PERFORM pg_sleep(60);"):
         started = time.monotonic()
         result = run_demo(cluster, env={"DEMO_STALL_TIMEOUT": STALL})
         seconds = time.monotonic() - started
-    assert result.returncode == 3, result.stderr
-    [line] = errors_of(result.stderr)
-    assert line == (
-        f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) kept the demo waiting {STALL} s "
-        "during the insert: its statement is still running there (wait event Timeout: PgSleep); nothing was written"
-    )
-    assert seconds < float(STALL) + 5, seconds  # not the trigger's 60 s: the demo ended its statement there
+        assert result.returncode == 3, result.stderr
+        [line] = errors_of(result.stderr)
+        assert line == (
+            f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) did not answer for {STALL} s "
+            "(DEMO_STALL_TIMEOUT) during the insert; nothing was written"
+        )
+        assert seconds < float(STALL) + 5, seconds
+        demo_sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sharding_demo'"
+        assert wait_until(lambda: cluster.primary.query(demo_sessions) == [(0,)], timeout=5)
     assert counts_everywhere(cluster) == [before] * 3
 
 

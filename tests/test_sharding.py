@@ -393,20 +393,18 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
-def test_a_shard_that_keeps_the_checks_waiting_for_a_lock_says_so(sharded: LocalCluster) -> None:
+def test_a_shard_that_keeps_the_checks_waiting_for_a_lock_is_named(sharded: LocalCluster) -> None:
     # The rebalancing procedure done by hand in psql, and left open on shard-one after its DROP TABLE, say: the
     # shard answers, but the demo's question about tbl_users_p2 waits for the lock.
     shard_one = shard_of(sharded, "shard-one")
     before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
-    with holding_a_lock(shard_one, "LOCK TABLE tbl_users_p2 IN ACCESS EXCLUSIVE MODE") as blocker:
+    with holding_a_lock(shard_one, "LOCK TABLE tbl_users_p2 IN ACCESS EXCLUSIVE MODE"):
         result = run_demo(sharded, env={"DEMO_STALL_TIMEOUT": "2"})
     assert result.returncode == 9, result.stderr
     [line] = result.stderr.splitlines()
     assert line == (
-        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}) kept the demo waiting 2 s during the "
-        f"checks: its statement waits for a lock on tbl_users_p2, blocked by process {blocker} (idle in transaction; "
-        "last statement: LOCK TABLE tbl_users_p2 IN ACCESS EXCLUSIVE MODE); it stores tbl_users_p0, tbl_users_p2 "
-        "for master-db; nothing was written on any shard"
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}), which stores tbl_users_p0, tbl_users_p2 "
+        "for master-db, did not answer for 2 s (DEMO_STALL_TIMEOUT); nothing was written on any shard"
     )
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
@@ -426,12 +424,10 @@ def test_a_lock_on_a_shard_that_keeps_the_insert_waiting_is_told_from_the_coordi
         assert wait_until(lambda: shard_one.query(others, [blocker]) == [(0,)], timeout=10)
     assert result.returncode == 3, result.stderr
     [line] = result.stderr.splitlines()
-    assert re.fullmatch(
-        rf"sharding_demo.py: error: master-db \(127.0.0.1:{sharded.primary.port}\) kept the demo waiting 2 s during "
-        r"the insert: its statement is still running there \(wait event Extension: "
-        r"(Extension|PostgresFdwGetResult)\); nothing was written",  # the name postgres_fdw gives its wait from 17
-        line,
-    ), line
+    assert line == (
+        f"sharding_demo.py: error: master-db (127.0.0.1:{sharded.primary.port}) did not answer for 2 s "
+        "(DEMO_STALL_TIMEOUT) during the insert; nothing was written"
+    )
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
@@ -564,8 +560,8 @@ def test_a_shard_that_stops_during_the_reads_is_named_not_the_servers_that_wait_
 
     assert failure.value.exit_code == 6
     assert str(failure.value).startswith(
-        f"failed after the commit: shard-two (127.0.0.1:{shard_two.port}) stopped answering (nothing for 2 s), "
-        "and the reads need it; 5 users were committed on master-db"
+        f"failed after the commit: shard-two (127.0.0.1:{shard_two.port}) did not answer for 2 s "
+        "(DEMO_STALL_TIMEOUT), and the reads need it; 5 users were committed on master-db"
     )
     assert seconds < 10, seconds  # a replica's cut-off, then one question to each shard, each within the bound
     assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
@@ -592,7 +588,7 @@ def test_a_shard_that_stops_during_the_insert_is_named_and_nothing_is_written(
 
     assert failure.value.exit_code == 9
     assert str(failure.value) == (
-        f"shard-two (127.0.0.1:{shard_two.port}) stopped answering (nothing for 2 s) during the insert "
+        f"shard-two (127.0.0.1:{shard_two.port}) did not answer for 2 s (DEMO_STALL_TIMEOUT) during the insert "
         "(master-db was waiting on it); nothing was written"
     )
     # master-db finishes the insert once shard-two answers again, finds the demo gone, and rolls it all back.
