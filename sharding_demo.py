@@ -226,7 +226,7 @@ def run(settings: DemoSettings) -> Report:
             return Report(
                 facts, written, catchup, landing, on_shards, contents, first, pruning, settings.show, router.skipped
             )
-        except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
+        except (KeyboardInterrupt, ReadFailed, *DATABASE_ERRORS) as error:
             raise failure_after_commit(written, error) from None
     finally:
         # The run is over, one way or the other: a Ctrl-C while the connections close must not hide how it ended.
@@ -510,12 +510,13 @@ class ReadWriteRouter:
                     result = work(session)
                     identity = session.execute(text(IDENTITY)).one()  # who answered, in the same transaction
             except DATABASE_ERRORS as error:
-                # An error it answered (say, passed on from a shard), or a shard that stopped while this replica
-                # waited on it (appendix D): no other replica would do better. A recovery conflict is this replica's,
-                # and so is a permission refused to its own settings' user (a read-only role, say).
-                elsewhere_too = answered(error) and sqlstate(error) not in (RECOVERY_CONFLICT, PERMISSION_DENIED)
+                # An error it answered, or a shard that stopped while this replica waited on it (appendix D): no
+                # other replica would do better. A recovery conflict is this replica's, and so is a permission
+                # refused to its own settings' user (a read-only role, say), unless a shard refused it to master-db's.
+                its_own = sqlstate(error) in (RECOVERY_CONFLICT, PERMISSION_DENIED) and not from_a_shard(error)
+                elsewhere_too = answered(error) and not its_own
                 if server is self.primary or elsewhere_too or shard_that_stopped(server):
-                    raise
+                    raise ReadFailed(server, error) from error  # which says who was asked (appendix D)
                 leave_out(self, server, replica_failure(server, error), when="during the reads")  # appendix D
                 continue
             problem = None if server is self.primary else self.not_a_standby(server, identity)
@@ -1199,6 +1200,14 @@ class Interrupted(KeyboardInterrupt):
         self.signal_number = signal_number
 
 
+class ReadFailed(Exception):
+    """A read that failed where no other server would have done better (step 3), and the server that was asked."""
+
+    def __init__(self, server: Server, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.server, self.error = server, error
+
+
 def interrupt(signal_number: int, frame: object) -> None:
     raise Interrupted(signal_number)
 
@@ -1289,6 +1298,12 @@ def answered(error: BaseException) -> bool:
     code = sqlstate(error)
     invalidated = isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
     return code is not None and not invalidated and not code.startswith(CONNECTING)
+
+
+def from_a_shard(error: BaseException) -> bool:
+    """An error that a shard answered master-db (or its standby) with, which postgres_fdw passes on: its CONTEXT line
+    is the remote SQL command, "CONTEXT:  remote SQL command: SELECT NULL FROM public.tbl_users_p0"."""
+    return "remote SQL command:" in str(getattr(error, "orig", error))
 
 
 # A hot standby cancels a read that holds up its replay of the WAL (a lock or a snapshot that a replayed change
@@ -1658,6 +1673,9 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     nobody runs again to retry users who are already there."""
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, f"after the commit: {committed(written)}")
+    asked = None
+    if isinstance(error, ReadFailed):
+        asked, error = error.server, error.error
     primary = written.primary
     try:
         shard = shard_that_stopped(primary)
@@ -1669,6 +1687,10 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
         what = f"{primary.service} {cause(primary, error)}"
     else:
         what = one_line(error)
+        if from_a_shard(error):
+            what += " (a shard's answer, which postgres_fdw passed on)"
+        if asked is not None:
+            what = f"a read from {asked.service} ({asked.address}) failed: {what}"
     return DemoError(f"failed after the commit: {what}; {committed(written)}", ExitCode.AFTER_COMMIT)
 
 

@@ -527,6 +527,38 @@ def test_a_read_only_role_on_a_coordinator_replica_is_left_out_with_the_grant_it
     assert {partition["read_from"] for partition in report["partitions"]} == {"replica-two"}
 
 
+def test_a_shard_that_refuses_the_coordinator_s_reads_is_not_blamed_on_a_replica(
+    sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The coordinator's role loses SELECT on tbl_users_p0 on shard-one: every read through master-db or its
+    # replicas that reaches that partition gets "permission denied for table tbl_users_p0", which postgres_fdw
+    # passes on. No replica's user is at fault, so none is left out, and the message says whose answer it was.
+    shard_one = shard_of(sharded, "shard-one")
+    before = sum(len(ids_on(shard)) for shard in sharded.shards)
+    left_out: list[str] = []
+    original = sharding_demo.leave_out
+
+    def noting(router: Any, replica: Any, reason: str, when: str) -> None:
+        left_out.append(replica.service)
+        original(router, replica, reason, when)
+
+    monkeypatch.setattr(sharding_demo, "leave_out", noting)
+    shard_one.execute("REVOKE SELECT ON tbl_users_p0 FROM coordinator")
+    try:
+        with pytest.raises(sharding_demo.DemoError) as failure:
+            run_here(sharded, monkeypatch, tmp_path, users=5)
+    finally:
+        shard_one.execute("GRANT SELECT ON tbl_users_p0 TO coordinator")
+    assert failure.value.exit_code == 6
+    assert re.match(
+        r"failed after the commit: a read from replica-(one|two) \(127.0.0.1:\d+\) failed: permission denied for "
+        r"table tbl_users_p0 \(a shard's answer, which postgres_fdw passed on\); 5 users were committed on master-db",
+        str(failure.value),
+    ), failure.value
+    assert left_out == []
+    assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
+
+
 def run_here(sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, users: int) -> Any:
     """sharding_demo.run() in this process against the sharded cluster, with a stall bound of 2 s."""
     for name, value in sharded.demo_environment().items():
