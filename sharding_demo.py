@@ -299,7 +299,8 @@ def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watc
             "target_session_attrs": "any",
             # When the watchdog (below) cuts a connection off, its server process would go on with the statement,
             # waiting for a lock, say, until it next wrote to us. With this it checks every second that we are still
-            # there, and ends the statement if not (PostgreSQL 14 and later). A PGOPTIONS of yours is kept.
+            # there, and ends the statement if not (PostgreSQL 14 and later). This would replace a PGOPTIONS of
+            # yours, so that goes first.
             "options": f"{os.environ.get('PGOPTIONS', '')} -c client_connection_check_interval=1s",
         },
     )
