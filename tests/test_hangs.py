@@ -240,6 +240,12 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
     assert counts_everywhere(cluster) == [before] * 3  # after SIGCONT the server rolled the COPY back
 
 
+def the_demo_s_sessions_end(node: PostgresNode) -> bool:
+    """Within 5 s, no server process of the demo's is left on `node` (client_connection_check_interval is 1 s)."""
+    demo_sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sharding_demo'"
+    return wait_until(lambda: node.query(demo_sessions) == [(0,)], timeout=5)
+
+
 @pytest.mark.parametrize(("mode", "stage"), [("ACCESS EXCLUSIVE", "the checks"), ("SHARE", "the insert")])
 def test_a_primary_that_waits_for_a_lock_is_told_as_not_answering_and_its_statement_ends(
     cluster: LocalCluster, mode: str, stage: str
@@ -257,8 +263,7 @@ def test_a_primary_that_waits_for_a_lock_is_told_as_not_answering_and_its_statem
             f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) did not answer for {STALL} s "
             f"(DEMO_STALL_TIMEOUT) during {stage}; nothing was written"
         )
-        demo_sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sharding_demo'"
-        assert wait_until(lambda: cluster.primary.query(demo_sessions) == [(0,)], timeout=5)
+        assert the_demo_s_sessions_end(cluster.primary)
     assert counts_everywhere(cluster) == [before] * 3
 
 
@@ -277,8 +282,7 @@ def test_a_primary_still_running_the_insert_ends_it_when_the_demo_gives_up(clust
             "(DEMO_STALL_TIMEOUT) during the insert; nothing was written"
         )
         assert seconds < float(STALL) + 5, seconds
-        demo_sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sharding_demo'"
-        assert wait_until(lambda: cluster.primary.query(demo_sessions) == [(0,)], timeout=5)
+        assert the_demo_s_sessions_end(cluster.primary)
     assert counts_everywhere(cluster) == [before] * 3
 
 
