@@ -512,8 +512,8 @@ class ReadWriteRouter:
                     identity = session.execute(text(IDENTITY)).one()  # who answered, in the same transaction
             except DATABASE_ERRORS as error:
                 # An error it answered, or a shard that stopped while this replica waited on it (appendix D): no
-                # other replica would do better. A recovery conflict is this replica's, and so is a permission
-                # refused to its own settings' user (a read-only role, say), unless a shard refused it to master-db's.
+                # other replica would do better. A recovery conflict is this replica's, and so is a permission refused
+                # to its own settings' user (a read-only role, say); not one that a shard refused to master-db's role.
                 its_own = sqlstate(error) in (RECOVERY_CONFLICT, PERMISSION_DENIED) and not from_a_shard(error)
                 elsewhere_too = answered(error) and not its_own
                 if server is self.primary or elsewhere_too or shard_that_stopped(server):
