@@ -277,6 +277,9 @@ class Server:
     engine: Engine
     watchdog: Watchdog  # which watches its connections, and knows if it had to cut one off
 
+    def __str__(self) -> str:  # how a message names it: "replica-one (127.0.0.1:5433)"
+        return f"{self.service} ({self.address})"
+
 
 def make_server(settings: DatabaseSettings, connect_timeout: int, watchdog: Watchdog) -> Server:
     # URL.create quotes each part itself, so a password with @ : / % or spaces works; building
@@ -1069,7 +1072,7 @@ def print_json(report: Report) -> None:
     """The report as one JSON object on stdout; the warnings also on stderr, one line each, since the
     text report names the replicas left out and a program reading JSON may not look for them."""
     written, landed, first = report.written, report.landing.value[0], report.first_user.value
-    warnings = [f"{skip.replica.service} ({skip.replica.address}) skipped: {skip.reason}" for skip in report.skipped]
+    warnings = [f"{skip.replica} skipped: {skip.reason}" for skip in report.skipped]
     if primary_served_reads(report):
         warnings.append(f"no replica left: reads went to the primary {written.primary.service}")
     document = {
@@ -1350,21 +1353,20 @@ def no_such_database(server: Server, error: BaseException) -> str | None:
 
 def primary_failed(primary: Server, error: BaseException) -> DemoError:
     """The primary failed its check, before anything was written."""
-    where = f"{primary.service} ({primary.address})"
     if refused_login(error):
-        return DemoError(f"{where} refused the login: {one_line(error)}", ExitCode.LOGIN_REFUSED)
+        return DemoError(f"{primary} refused the login: {one_line(error)}", ExitCode.LOGIN_REFUSED)
     if missing := no_such_database(primary, error):
-        return DemoError(f"{where} {missing}", ExitCode.CONFIG)
+        return DemoError(f"{primary} {missing}", ExitCode.CONFIG)
     if sqlstate(error) == "57014":  # query_canceled: a statement_timeout, or a cancel request
-        message = f"{where} cancelled a query of the demo's checks: {one_line(error)}; nothing was written"
+        message = f"{primary} cancelled a query of the demo's checks: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        message = f"{where} {cause(primary, error)} during the checks; nothing was written"
+        message = f"{primary} {cause(primary, error)} during the checks; nothing was written"
         return DemoError(message, ExitCode.PRIMARY_LOST)
     if answered(error):  # it let the demo in, and answered a question of the checks with an error
-        message = f"{where} answered the demo's checks with an error: {one_line(error)}; nothing was written"
+        message = f"{primary} answered the demo's checks with an error: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
-    return DemoError(f"cannot connect to {where}: {one_line(error)}", ExitCode.PRIMARY_LOST)
+    return DemoError(f"cannot connect to {primary}: {one_line(error)}", ExitCode.PRIMARY_LOST)
 
 
 LAYOUT_THE_DEMO_KNOWS = (
@@ -1384,7 +1386,7 @@ def unusable_partition(primary: Server, name: str, shard: str | None, kind: str,
         what = f"has {name}, a partition that this user may not read (SELECT on it, USAGE on its schema)"
     else:
         what = f"has {name}, which is not a hash partition"
-    message = f"{primary.service} ({primary.address}) {what}; {LAYOUT_THE_DEMO_KNOWS}; nothing was written"
+    message = f"{primary} {what}; {LAYOUT_THE_DEMO_KNOWS}; nothing was written"
     return DemoError(message, ExitCode.LAYOUT)
 
 
@@ -1392,14 +1394,14 @@ TBL_USERS = text("SELECT to_regclass('tbl_users') IS NOT NULL, pg_get_partkeydef
 
 
 def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
-    where, settings = f"{primary.service} ({primary.address})", primary.settings
+    settings = primary.settings
     if facts.identity[0]:
         fix = to_check(settings, "host", "port")
-        return DemoError(f"{where} is a standby, not the primary: {fix}", ExitCode.CONFIG)
+        return DemoError(f"{primary} is a standby, not the primary: {fix}", ExitCode.CONFIG)
     if facts.partitions:
         greatest, uncovered = max(p.modulus for p in facts.partitions), uncovered_remainders(facts.partitions)
         what = f"partitions of tbl_users that leave remainders {uncovered} of modulus {greatest} without a partition"
-        return DemoError(f"{where} has {what}: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
+        return DemoError(f"{primary} has {what}: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
     try:
         with primary.engine.connect() as connection:
             found, key = connection.execute(TBL_USERS).one()
@@ -1408,21 +1410,21 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
     if not found:  # to_regclass() looks as the application's queries do: the search_path's schemas that it may use
         what = f"no table tbl_users that user {settings.user} finds by name in database {settings.name}"
         made = "(on its search_path, in a schema it may use); init-master.sql makes it in public, in database postgres"
-        return DemoError(f"{where} has {what} {made}: {to_check(settings, 'port', 'name')}", ExitCode.LAYOUT)
+        return DemoError(f"{primary} has {what} {made}: {to_check(settings, 'port', 'name')}", ExitCode.LAYOUT)
     what = "that is not partitioned" if key is None else "without partitions"
-    return DemoError(f"{where} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
+    return DemoError(f"{primary} has a table tbl_users {what}; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
 
 
 def shard_failed(shard: Server, names: list[str], error: BaseException | None, readable: bool = True) -> DemoError:
-    where, stores = f"{shard.service} ({shard.address})", ", ".join(names)
+    stores = ", ".join(names)
     if error is None and not readable:  # SHARD_ONE_USER=coordinator, say: it may read the partitions, not the parent
-        what = f"{where} stores {stores} for master-db, but user {shard.settings.user} may not read its tbl_users"
+        what = f"{shard} stores {stores} for master-db, but user {shard.settings.user} may not read its tbl_users"
         what += f" (SELECT), which the demo reads to prove where each row is: {to_check(shard.settings, 'user')}"
     elif error is None:
         fix = to_check(shard.settings, "host", "port", "name")
-        what = f"{where} does not hold {stores} as tables of its own, bound as on master-db: {fix}"
+        what = f"{shard} does not hold {stores} as tables of its own, bound as on master-db: {fix}"
     else:
-        what = f"{where}, which stores {stores} for master-db, {replica_failure(shard, error)}"
+        what = f"{shard}, which stores {stores} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 
 
@@ -1479,9 +1481,7 @@ def leave_out(router: ReadWriteRouter, replica: Server, reason: str, when: str) 
 
 def left_out_by_the_wait(report: Report) -> list[str]:
     waited = [skip for skip in report.skipped if skip.when == "waited for"]
-    return [
-        f"  {skip.replica.service} ({skip.replica.address}): {skip.reason}: left out of the reads" for skip in waited
-    ]
+    return [f"  {skip.replica}: {skip.reason}: left out of the reads" for skip in waited]
 
 
 def left_out_during_the_reads(report: Report) -> list[str]:
@@ -1591,7 +1591,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         except KeyboardInterrupt as interruption:  # while it asks: told below, as an interruption at this stage
             error = interruption
     if shard:
-        where = f"{shard.service} ({shard.address}) {cause(shard, error)}"
+        where = f"{shard} {cause(shard, error)}"
         if stage == "during":
             message = f"{where} during the COMMIT: whether the {written.users:,} users were committed is unknown"
             return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
@@ -1608,7 +1608,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
         return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
-        what = f"{primary.service} ({primary.address}) {cause(primary, error)} during the insert"
+        what = f"{primary} {cause(primary, error)} during the insert"
         return DemoError(f"{what}; nothing was written", ExitCode.PRIMARY_LOST)
     if not answered(error):
         return DemoError(
@@ -1647,10 +1647,10 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
         pass
     if standbys is not None:
         waits = (
-            f"{primary.service} ({primary.address}) wrote the COMMIT of transaction {xid}, and still waits for a "
-            f"synchronous standby (synchronous_standby_names = '{standbys}') to confirm it: the {written.users:,} "
-            "users are committed there, and other sessions see them once a standby confirms or the wait is "
-            "cancelled; do not run again to retry them"
+            f"{primary} wrote the COMMIT of transaction {xid}, and still waits for a synchronous standby "
+            f"(synchronous_standby_names = '{standbys}') to confirm it: the {written.users:,} users are committed "
+            "there, and other sessions see them once a standby confirms or the wait is cancelled; do not run again "
+            "to retry them"
         )
         if exit_code is None:  # the connection was cut off (by the watchdog, say): master-db did not stop, it waits
             return DemoError(waits, ExitCode.AFTER_COMMIT)
@@ -1683,7 +1683,7 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     except KeyboardInterrupt as interruption:  # while it asks who stopped answering
         return interrupted(interruption, f"after the commit: {committed(written)}")
     if shard:
-        what = f"{shard.service} ({shard.address}) {cause(shard, error)}, and the reads need it"
+        what = f"{shard} {cause(shard, error)}, and the reads need it"
     elif primary.service in primary.watchdog.gave_up_on:
         what = f"{primary.service} {cause(primary, error)}"
     else:
@@ -1691,7 +1691,7 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
         if from_a_shard(error):
             what += " (a shard's answer, which postgres_fdw passed on)"
         if asked is not None:
-            what = f"a read from {asked.service} ({asked.address}) failed: {what}"
+            what = f"a read from {asked} failed: {what}"
     return DemoError(f"failed after the commit: {what}; {committed(written)}", ExitCode.AFTER_COMMIT)
 
 
