@@ -650,11 +650,13 @@ def where_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tup
 def users_on_shard(shard: Server, ids: Sequence[bytes]) -> Counter[str]:
     """The proof of sharding: this run's users that the shard itself stores, per partition, read on
     the shard directly (not through master-db). The shard's own tbl_users holds its partitions."""
-    with Session(shard.engine) as session:
-        counts, _ = where_users_landed(session, ids, 0)
-        names = dict(
-            session.execute(text("SELECT oid, relname FROM pg_class WHERE oid = ANY(:o)"), {"o": list(counts)}).all()
-        )
+    try:
+        with Session(shard.engine) as session:
+            counts, _ = where_users_landed(session, ids, 0)
+            query = text("SELECT oid, relname FROM pg_class WHERE oid = ANY(:oids)")
+            names = dict(session.execute(query, {"oids": list(counts)}).all())
+    except DATABASE_ERRORS as error:
+        raise ReadFailed(shard, error) from error  # told as this shard's, by name (appendix D)
     return Counter({names[oid]: count for oid, count in counts.items()})
 
 
@@ -1205,11 +1207,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 class ReadFailed(Exception):
-    """A read that failed where no other server would have done better (step 3), and the server that was asked."""
+    """A read that failed where no other server would have done better (step 3), or on a shard itself (step 6), and
+    the server that was asked. It keeps the driver's error as `orig`, as SQLAlchemy's own errors do, for one_line()."""
 
     def __init__(self, server: Server, error: BaseException) -> None:
         super().__init__(str(error))
-        self.server, self.error = server, error
+        self.server, self.orig = server, getattr(error, "orig", error)
 
 
 def interrupt(signal_number: int, frame: object) -> None:
@@ -1535,7 +1538,7 @@ class CommitRefused(DemoError):
                 interruption, all_known = error, False
                 told += [f"{each.service} was not counted (interrupted)" for each in shards[number:]]
                 break
-            except DATABASE_ERRORS as error:
+            except (ReadFailed, *DATABASE_ERRORS) as error:
                 all_known = False
                 told.append(f"{shard.service} kept an unknown number of this run's users ({cause(shard, error)})")
                 continue
@@ -1674,9 +1677,7 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     nobody runs again to retry users who are already there."""
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, f"after the commit: {committed(written)}")
-    asked = None
-    if isinstance(error, ReadFailed):
-        asked, error = error.server, error.error
+    asked = error.server if isinstance(error, ReadFailed) else None
     primary = written.primary
     try:
         shard = shard_that_stopped(primary)

@@ -599,6 +599,37 @@ def test_a_shard_that_stops_during_the_reads_is_named_not_the_servers_that_wait_
     assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
 
 
+def test_a_shard_that_shuts_down_before_the_demo_reads_it_directly_is_named(
+    sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Once this run's users have been found through a replica, shard-one shuts down (fast), so the demo's own read
+    # of it, the proof of where each row is, fails. libpq's text ("server closed the connection unexpectedly")
+    # names no server: the line must.
+    shard_one = shard_of(sharded, "shard-one")
+    before = sum(len(ids_on(shard)) for shard in sharded.shards)
+    original = sharding_demo.ReadWriteRouter.read
+
+    def read_then_shut_down_shard_one(router: Any, work: Any) -> Any:
+        answer = original(router, work)
+        if shard_one.running:  # after the first read only: where this run's users landed, through a replica
+            shard_one.stop()
+        return answer
+
+    monkeypatch.setattr(sharding_demo.ReadWriteRouter, "read", read_then_shut_down_shard_one)
+    try:
+        with pytest.raises(sharding_demo.DemoError) as failure:
+            run_here(sharded, monkeypatch, tmp_path, users=5)
+    finally:
+        shard_one.start()
+
+    assert failure.value.exit_code == 6
+    assert str(failure.value).startswith(
+        f"failed after the commit: a read from shard-one (127.0.0.1:{shard_one.port}) failed: "
+    ), failure.value
+    assert "; 5 users were committed on master-db" in str(failure.value)
+    assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
+
+
 def test_a_shard_that_stops_during_the_insert_is_named_and_nothing_is_written(
     sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
