@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -287,3 +288,14 @@ def pytest_report_header() -> str:
 
     bindir = find_bindir(os.environ.get("PG_BINDIR"))
     return f"PostgreSQL {server_version(bindir)} from {bindir}"
+
+
+def pytest_configure() -> None:
+    """A SIGTERM (`kill`, `pkill`, a CI job's time limit) ends the run as Ctrl-C does: pytest then tears down the
+    fixtures, which stop the clusters' servers and delete their data. By default it would end pytest at once and
+    leave every server of the session running."""
+    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+
+
+def stop_as_ctrl_c(signal_number: int, frame: object) -> None:
+    raise KeyboardInterrupt
