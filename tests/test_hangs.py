@@ -224,6 +224,20 @@ def test_a_replica_stopped_during_the_wait_is_cut_off_at_the_catch_up_deadline(c
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 
+def test_a_load_that_the_server_stores_slowly_is_not_cut_off(cluster: LocalCluster) -> None:
+    # The server takes about 0.1 s per 1,000 rows to store them (a trigger sleeps 10 ms at every 100th user), so
+    # 50,000 users take it about 5 s, while the demo sends them in well under a second: most of them wait, unread,
+    # in the kernel's socket buffers. With a stall bound of 2.5 s, a run that counted what it sent as progress was
+    # cut off (measured on the old code: "did not answer for 2.5 s", exit 3); the server's answer to each COPY of
+    # 10,000 rows, about 1 s apart, is the progress that counts.
+    before = counts_everywhere(cluster)[0]
+    every_100th_user_sleeps = "IF NEW.first_name LIKE '%00' THEN PERFORM pg_sleep(0.01); END IF;"
+    with slow_inserts(cluster.primary, every_100th_user_sleeps):
+        result = run_demo(cluster, "--users", "50000", "--show", "0", env={"DEMO_STALL_TIMEOUT": "2.5"})
+    assert result.returncode == 0, result.stderr
+    assert counts_everywhere(cluster) == [before + 50_000] * 3
+
+
 def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster) -> None:
     before = counts_everywhere(cluster)[0]
     demo = stalling_demo(cluster, "--users", "500000")
