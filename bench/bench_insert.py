@@ -93,14 +93,16 @@ def load_prepared_rows(settings: sharding_demo.DatabaseSettings, rows: list[tupl
 def run_demo_end_to_end(count: int, environment: dict[str, str]) -> dict[str, float]:
     """The whole of `python sharding_demo.py --users N --show 2`, as a user waits for it."""
     started = time.perf_counter()
-    subprocess.run(
+    demo = subprocess.run(
         [sys.executable, str(PROJECT_DIR / "sharding_demo.py"), "--users", str(count), "--show", "2"],
         env=os.environ | environment,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     seconds = time.perf_counter() - started
+    if demo.returncode != 0:  # a figure for a failed run would mean nothing: say why it failed, and stop
+        raise SystemExit(f"the demo failed (exit {demo.returncode}): {last_line(demo.stderr)}")
     # This process has run one child only, so the children's peak is the demo's.
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
@@ -167,13 +169,7 @@ def child(method: str, count: int, environment: dict[str, str]) -> dict[str, flo
 def measure(cluster: LocalCluster, method: str, count: int) -> dict[str, float]:
     reset_table(cluster)
     wal_before = wal_position(cluster)
-    completed = subprocess.run(
-        [sys.executable, __file__, "--child", method, str(count), json.dumps(cluster.demo_environment())],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict[str, float] = json.loads(completed.stdout)
+    result = run_child(method, count, cluster)
     result["wal_bytes"] = wal_written_since(cluster, wal_before)
     result["index_bytes"] = primary_key_index_bytes(cluster)
     result["spread"] = largest_deviation_from_even(cluster)
@@ -349,15 +345,21 @@ def main() -> int:
 def end_to_end(cluster: LocalCluster, count: int) -> dict[str, float]:
     """The demo's whole run on an emptied table, in a child process of its own."""
     reset_table(cluster)
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        "end-to-end",
-        str(count),
-        json.dumps(cluster.demo_environment()),
-    ]
-    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)  # type: ignore[no-any-return]
+    return run_child("end-to-end", count, cluster)
+
+
+def run_child(method: str, count: int, cluster: LocalCluster) -> dict[str, float]:
+    """One load in a fresh process; its figures, or, if it failed, its last line of stderr as this run's end."""
+    command = [sys.executable, __file__, "--child", method, str(count), json.dumps(cluster.demo_environment())]
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(f"bench_insert.py: {method} at {count:,} failed: {last_line(child.stderr)}")
+    return json.loads(child.stdout)  # type: ignore[no-any-return]
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "(nothing on stderr)"
 
 
 def print_sharded_row(count: int, sharded: dict[str, float], unsharded: dict[str, float]) -> None:
