@@ -219,10 +219,12 @@ def test_both_replicas_lagging_wait_one_deadline_together(cluster: LocalCluster)
     run_seconds = time.monotonic() - started
 
     assert report["catchup"] == []
+    # One deadline for both: each replica is left out once the wait, which started once for both, has lasted
+    # the timeout (waiting for one after the other, the second would say about twice that). This is the wait's
+    # own clock; the whole run's adds start-up and reads, which a loaded machine stretches by seconds.
+    assert len(report["skipped"]) == 2
     for skip in report["skipped"]:
         seconds = float(re.search(r"after ([\d.]+)s", skip["reason"])[1])  # type: ignore[index]
         assert timeout <= seconds < timeout + 0.5
-    # One deadline for both: the whole run (start-up, insert, wait, reads) takes less than the two
-    # timeouts that waiting for one replica after the other would take on their own.
-    assert run_seconds < 2 * timeout, run_seconds
+    assert run_seconds < 3 * timeout, run_seconds  # and nothing else waited a catch-up timeout of its own
     assert report["warnings"][-1] == "no replica left: reads went to the primary master-db"
