@@ -23,6 +23,7 @@ from conftest import (
     pause_replay,
     resume_replay,
     run_demo,
+    slow_inserts,
     start_demo,
     wait_until,
 )
@@ -123,11 +124,14 @@ def test_ctrl_c_during_the_copy_says_nothing_was_written(cluster: LocalCluster) 
 
 def test_statement_timeout_cancels_the_copy_and_writes_nothing(cluster: LocalCluster) -> None:
     before = counts_everywhere(cluster)[0]
-    # libpq passes PGOPTIONS to the server: every statement of the demo's may take 50 ms at most,
-    # which the checks need a few of, and a COPY of 300,000 rows some hundreds.
-    result = run_demo(cluster, "--users", "300000", env={"PGOPTIONS": "-c statement_timeout=50"})
+    # libpq passes PGOPTIONS to the server: every statement of the demo's may take 500 ms at most, which the
+    # checks need a few of. The load goes in COPYs of 10,000 rows; a trigger that sleeps 10 ms at every 100th
+    # user makes each take about 1 s, so the first is cancelled.
+    every_100th_user_sleeps = "IF NEW.first_name LIKE '%00' THEN PERFORM pg_sleep(0.01); END IF;"
+    with slow_inserts(cluster.primary, every_100th_user_sleeps):
+        result = run_demo(cluster, "--users", "30000", env={"PGOPTIONS": "-c statement_timeout=500"})
     assert result.returncode == 7, result.stderr
-    line = the_error("\n".join(line for line in result.stderr.splitlines() if " of 300,000 users" not in line))
+    line = the_error(result.stderr)
     assert "master-db cancelled the insert (a statement_timeout, or a cancel request)" in line
     assert line.endswith("nothing was written")
     assert counts_everywhere(cluster) == [before] * 3
