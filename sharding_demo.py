@@ -1042,12 +1042,16 @@ def where_many_users_landed(session: Session, ids: Sequence[bytes], show: int) -
 
 def progress_printer(total: int, verb: str) -> Callable[[int], None]:
     """For 100,000 users or more, say on stderr every 10% how far a step is ("loaded 300,000 of
-    1,000,000 users"), so that a long wait visibly moves and stdout stays the report."""
+    1,000,000 users"), so that a long wait visibly moves and stdout stays the report. A step may say
+    how far it is after each user, or after each 10,000 (the load): each 10% passed is said once."""
     step = max(total // 10, 1)
+    next_at = step if total >= 100_000 else total + 1  # below 100,000 users, nothing is said
 
     def progress(done: int) -> None:
-        if total >= 100_000 and (done % step == 0 or done == total):
+        nonlocal next_at
+        if done >= next_at:  # one comparison a call: the ids' steps call this a million times
             print(f"sharding_demo.py: {verb} {done:,} of {total:,} users", file=sys.stderr, flush=True)
+            next_at = min((done // step + 1) * step, total)  # the next 10%, and the end at the latest
 
     return progress
 

@@ -202,6 +202,30 @@ def test_many_users_go_through_copy_and_land_where_predicted(cluster: LocalClust
     assert sorted(name for (name,) in names) == sorted(u["first_name"] for u in report["inserted"])
 
 
+def test_progress_says_each_10_percent_once_whether_told_per_user_or_per_copy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The load says how far it is after each COPY of 10,000 rows, the other steps after each user. 123,456 users:
+    # 12,345 is 10%, which no COPY ends on; each 10% passed must still be said, once, and the end.
+    total = 123_456
+    per_copy = sharding_demo.progress_printer(total, "loaded")
+    for first in range(0, total, sharding_demo.ROWS_PER_COPY):
+        per_copy(min(first + sharding_demo.ROWS_PER_COPY, total))
+    per_user = sharding_demo.progress_printer(total, "made the ids of")
+    for done in range(1, total + 1):
+        per_user(done)
+    lines = capsys.readouterr().err.splitlines()
+    loaded = [line for line in lines if " loaded " in line]
+    assert loaded[:2] == [
+        "sharding_demo.py: loaded 20,000 of 123,456 users",
+        "sharding_demo.py: loaded 30,000 of 123,456 users",
+    ]
+    assert len(loaded) == 10 and loaded[-1] == "sharding_demo.py: loaded 123,456 of 123,456 users"
+    made = [line for line in lines if " made the ids of " in line]
+    assert made[0] == "sharding_demo.py: made the ids of 12,345 of 123,456 users"
+    assert len(made) == 11 and made[-1] == "sharding_demo.py: made the ids of 123,456 of 123,456 users"
+
+
 def test_progress_goes_to_stderr_for_large_loads(cluster: LocalCluster) -> None:
     result = run_demo(cluster, "--json", "--users", "100000", "--show", "0")
     assert result.returncode == 0, result.stderr
