@@ -1224,7 +1224,8 @@ class Interrupted(KeyboardInterrupt):
 
 class ReadFailed(Exception):
     """A read that failed where no other server would have done better (step 3), or on a shard itself (step 6), and
-    the server that was asked. It keeps the driver's error as `orig`, as SQLAlchemy's own errors do, for one_line()."""
+    the server that was asked. It keeps the driver's error as `orig`, as SQLAlchemy's own errors do, so that
+    one_line(), sqlstate() and from_a_shard() read it as they read those."""
 
     def __init__(self, server: Server, error: BaseException) -> None:
         super().__init__(str(error))

@@ -603,8 +603,8 @@ def test_a_shard_that_shuts_down_before_the_demo_reads_it_directly_is_named(
     sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Once this run's users have been found through a replica, shard-one shuts down (fast), so the demo's own read
-    # of it, the proof of where each row is, fails. libpq's text ("server closed the connection unexpectedly")
-    # names no server: the line must.
+    # of it, the proof of where each row is, fails. libpq's text ("terminating connection due to administrator
+    # command") names no server: the line must.
     shard_one = shard_of(sharded, "shard-one")
     before = sum(len(ids_on(shard)) for shard in sharded.shards)
     original = sharding_demo.ReadWriteRouter.read
