@@ -223,6 +223,11 @@ def holding_a_lock(node: PostgresNode, lock: str, dbname: str = "postgres") -> I
         yield holder.info.backend_pid
 
 
+# For slow_inserts: at least 1 s per 10,000 rows (one COPY of the demo's), however fast the machine. It sleeps
+# at every 100th user (their names end in 00), since a pg_sleep() of any length takes a millisecond or more here.
+EVERY_100TH_USER_SLEEPS_10_MS = "IF NEW.first_name LIKE '%00' THEN PERFORM pg_sleep(0.01); END IF;"
+
+
 @contextlib.contextmanager
 def slow_inserts(node: PostgresNode, body: str) -> Iterator[None]:
     """A BEFORE INSERT trigger on tbl_users that runs the PL/pgSQL `body` (a pg_sleep, say) for each row, for as long

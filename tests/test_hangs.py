@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 import sharding_demo
 from conftest import (
     DEMO,
+    EVERY_100TH_USER_SLEEPS_10_MS,
     clean_environment,
     connect,
     count_on,
@@ -231,8 +232,7 @@ def test_a_load_that_the_server_stores_slowly_is_not_cut_off(cluster: LocalClust
     # cut off (measured on the old code: "did not answer for 2.5 s", exit 3); the server's answer to each COPY of
     # 10,000 rows, about 1 s apart, is the progress that counts.
     before = counts_everywhere(cluster)[0]
-    every_100th_user_sleeps = "IF NEW.first_name LIKE '%00' THEN PERFORM pg_sleep(0.01); END IF;"
-    with slow_inserts(cluster.primary, every_100th_user_sleeps):
+    with slow_inserts(cluster.primary, EVERY_100TH_USER_SLEEPS_10_MS):
         result = run_demo(cluster, "--users", "50000", "--show", "0", env={"DEMO_STALL_TIMEOUT": "2.5"})
     assert result.returncode == 0, result.stderr
     assert counts_everywhere(cluster) == [before + 50_000] * 3

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import (
     DEMO,
+    EVERY_100TH_USER_SLEEPS_10_MS,
     a_login_role,
     clean_environment,
     connect,
@@ -127,8 +128,7 @@ def test_statement_timeout_cancels_the_copy_and_writes_nothing(cluster: LocalClu
     # libpq passes PGOPTIONS to the server: every statement of the demo's may take 500 ms at most, which the
     # checks need a few of. The load goes in COPYs of 10,000 rows; a trigger that sleeps 10 ms at every 100th
     # user makes each take about 1 s, so the first is cancelled.
-    every_100th_user_sleeps = "IF NEW.first_name LIKE '%00' THEN PERFORM pg_sleep(0.01); END IF;"
-    with slow_inserts(cluster.primary, every_100th_user_sleeps):
+    with slow_inserts(cluster.primary, EVERY_100TH_USER_SLEEPS_10_MS):
         result = run_demo(cluster, "--users", "30000", env={"PGOPTIONS": "-c statement_timeout=500"})
     assert result.returncode == 7, result.stderr
     line = the_error(result.stderr)
