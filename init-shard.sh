@@ -10,12 +10,14 @@
 #
 # The postgres image runs this script from /docker-entrypoint-initdb.d/, on the shard's temporary
 # server (Unix socket only); local_cluster.py --sharded runs it at the same step. It does two things:
-#   1. on this shard: the role the coordinator logs in as, and a tbl_users with real tables for its
-#      partitions, with the coordinator's bounds. So the shard enforces the partition rule itself: a
-#      row sent to the wrong shard is refused here ("violates partition constraint").
+#   1. on this shard: the role the coordinator logs in as, a tbl_users with real tables for its
+#      partitions, with the coordinator's bounds, and a view that says who the shard is. So the shard
+#      enforces the partition rule itself: a row sent to the wrong shard is refused here ("violates
+#      partition constraint").
 #   2. on the coordinator, as its superuser, in one transaction: a postgres_fdw server for this shard,
-#      a user mapping (which role and password to log in with), and each of its partitions swapped
-#      for a foreign table. The coordinator's replicas receive all that by streaming replication.
+#      a user mapping (which role and password to log in with), a foreign table that reads the
+#      shard's view, and each of its partitions swapped for a foreign table. The coordinator's
+#      replicas receive all that by streaming replication.
 # Compose calls the shard healthy only once this has finished, so `docker compose --profile sharded
 # up -d --wait` returns with the layout complete.
 #
@@ -52,6 +54,14 @@ CREATE TABLE tbl_users (
     first_name VARCHAR(255) NOT NULL,
     PRIMARY KEY (id)
 ) PARTITION BY HASH (id);
+-- Who this shard is: its cluster (initdb made the system identifier), since when it runs, and which
+-- database. The demo asks this twice, on the shard itself and through the coordinator (which reads
+-- it with a foreign table, below): the same answer proves that its SHARD_* settings reach the very
+-- shard the coordinator stores on. The view runs as its owner, so the coordinator needs only SELECT.
+CREATE VIEW shard_identity AS
+    SELECT system_identifier, pg_postmaster_start_time() AS started_at, current_database() AS database
+    FROM pg_control_system();
+GRANT SELECT ON shard_identity TO coordinator;
 SQL
     for partition in $SHARD_PARTITIONS; do
         bound=$("${coordinator_psql[@]}" --tuples-only --no-align -v name="$partition" \
@@ -83,6 +93,10 @@ CREATE SERVER :"server" FOREIGN DATA WRAPPER postgres_fdw OPTIONS (
 -- Every local user reaches this shard as `coordinator`. (The password is kept in the catalog, where
 -- only superusers can read it, in pg_user_mappings.)
 CREATE USER MAPPING FOR PUBLIC SERVER :"server" OPTIONS (user 'coordinator', password :'password');
+-- This shard's answer to "who are you?" (its view shard_identity, above), e.g. shard_one_identity.
+SELECT format('CREATE FOREIGN TABLE %I (system_identifier bigint, started_at timestamptz, database name) '
+              'SERVER %I OPTIONS (schema_name %L, table_name %L)',
+              :'server' || '_identity', :'server', 'public', 'shard_identity') \gexec
 -- Swap each of this shard's (empty) partitions for a foreign table with the same bound, on this
 -- shard. The query writes the statements, with each partition's bound as it is now; \gexec runs
 -- them in order. A partition that holds rows is refused: moving rows is docs/sharding.md's

@@ -185,7 +185,7 @@ def run(settings: DemoSettings) -> Report:
     try:
         facts = check_primary(primary)
         shards = [
-            check_shard(make_server(load_settings(each), settings.connect_timeout, watchdog), facts)
+            check_shard(make_server(load_settings(each), settings.connect_timeout, watchdog), primary, facts)
             for each in SHARD_SETTINGS
             if any(partition.shard == each.service for partition in facts.partitions)
         ]
@@ -435,9 +435,15 @@ NOT_STORED_HERE = text("""
     WHERE c.relkind IS DISTINCT FROM 'r' OR pg_get_expr(c.relpartbound, c.oid) IS DISTINCT FROM expected.bound""")
 
 
-def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
-    """Before the write: a shard that is down, or does not store its partitions itself (a setting that
-    points at another server, say), stops the run, and nothing is written on any shard."""
+# Who a shard is: its cluster, since when it runs, and which database. init-shard.sh makes the same
+# question a view on each shard, shard_identity, that master-db reads with a foreign table of its own.
+WHO_IS_THE_SHARD = "SELECT system_identifier, pg_postmaster_start_time(), current_database() FROM pg_control_system()"
+
+
+def check_shard(shard: Server, primary: Server, facts: PrimaryFacts) -> Server:
+    """Before the write: a shard that is down, does not store its partitions itself, or is not the very
+    server that master-db stores them on (a setting that points at another server, or at a look-alike
+    elsewhere), stops the run, and nothing is written on any shard."""
     stored_here = [partition for partition in facts.partitions if partition.shard == shard.service]
     names, bounds = [p.name for p in stored_here], [p.bound for p in stored_here]
     try:
@@ -445,12 +451,23 @@ def check_shard(shard: Server, facts: PrimaryFacts) -> Server:
             missing = list(connection.scalars(NOT_STORED_HERE, {"names": names, "bounds": bounds}))
             # Step 6 reads the shard's own tbl_users, to prove where each row is: may this user read it?
             readable = connection.scalar(text("SELECT has_table_privilege(to_regclass('tbl_users'), 'SELECT')"))
+            itself = tuple(connection.execute(text(WHO_IS_THE_SHARD)).one())
     except DATABASE_ERRORS as error:
         raise shard_failed(shard, names, error) from None
     if missing:
         raise shard_failed(shard, missing, None)
     if not readable:
         raise shard_failed(shard, names, None, readable=False)
+    # The same question, asked through master-db: its foreign table shard_one_identity reads shard-one's view.
+    name = shard.service.replace("-", "_") + "_identity"
+    identity = table(name, column("system_identifier"), column("started_at"), column("database"))
+    try:
+        with primary.engine.connect() as connection:
+            seen_by_primary = tuple(connection.execute(select(identity)).one())
+    except DATABASE_ERRORS as error:
+        raise shard_unseen(shard, names, name, primary, error) from None  # appendix D
+    if itself != seen_by_primary:
+        raise not_that_shard(shard, names, itself, seen_by_primary)  # appendix D
     return shard
 
 
@@ -1446,6 +1463,31 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None, r
     else:
         what = f"{shard}, which stores {stores} for master-db, {replica_failure(shard, error)}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
+
+
+def shard_unseen(shard: Server, names: list[str], asked: str, primary: Server, error: BaseException) -> DemoError:
+    """master-db could not say who the shard is: it cannot log in there, say, or its layout is older than the view."""
+    what = f"{shard}, which stores {', '.join(names)} for master-db, could not be asked who it is through master-db"
+    if sqlstate(error) == "42P01":  # undefined_table
+        what += f" (master-db has no {asked}: an older init-shard.sh made this layout; make it afresh with "
+        what += "docker compose --profile sharded down -v, then up)"
+    else:
+        what += f": {cause(primary, error)}"
+    return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
+
+
+def not_that_shard(shard: Server, names: list[str], itself: tuple[Any, ...], seen: tuple[Any, ...]) -> DemoError:
+    """The shard's settings reach a server that holds the same tables, but is not the one master-db stores on."""
+    fix = to_check(shard.settings, "host", "port")
+    theirs = f"master-db's {shard.service}"
+    if itself[0] != seen[0]:
+        what = f"another cluster (system identifier {itself[0]}; {theirs} has {seen[0]})"
+    elif itself[1] != seen[1]:
+        what = f"another server of its cluster, a copy (started at {itself[1]}; {theirs} at {seen[1]})"
+    else:
+        what, fix = f"another database ({itself[2]}; {theirs} is database {seen[2]})", to_check(shard.settings, "name")
+    message = f"{shard} is not the server that master-db stores {', '.join(names)} on: {what}: {fix}"
+    return DemoError(f"{message}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 
 
 def replica_failure(replica: Server, error: BaseException) -> str:

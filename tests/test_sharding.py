@@ -36,6 +36,7 @@ from conftest import (
 from local_cluster import DEFAULT_PASSWORD, LocalCluster, PostgresNode, free_port_base
 
 COORDINATOR_PASSWORD = "coordinator-secret-7b1f"  # so that the tests can look for it in every log
+IDENTIFIER = "SELECT system_identifier FROM pg_control_system()"  # which cluster a server is of
 
 
 @pytest.fixture(scope="module")
@@ -431,9 +432,10 @@ def test_a_lock_on_a_shard_that_keeps_the_insert_waiting_is_told_from_the_coordi
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
-def test_a_coordinator_that_cannot_log_in_to_a_shard_says_why(sharded: LocalCluster) -> None:
+def test_a_coordinator_that_cannot_log_in_to_a_shard_is_found_before_the_write(sharded: LocalCluster) -> None:
     # The coordinator's password for shard-two changed on one side only (say, COORDINATOR_PASSWORD changed after
-    # the shard was made): master-db refuses the insert, and the reason postgres_fdw gives in its DETAIL is told.
+    # the shard was made): the demo's own login to shard-two works, but master-db's does not. The check asks
+    # shard-two who it is through master-db too, so this is found before the insert, with postgres_fdw's DETAIL.
     before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
     shard_two = shard_of(sharded, "shard-two")
 
@@ -446,18 +448,115 @@ def test_a_coordinator_that_cannot_log_in_to_a_shard_says_why(sharded: LocalClus
 
     set_the_coordinator_s_password("not-the-one")
     try:
-        # 50 users, so that some land on shard-two (all five of five would miss it one run in 32): the insert
-        # needs it, and fails before the commit.
-        result = run_demo(sharded, "--users", "50")
+        result = run_demo(sharded)
     finally:
         set_the_coordinator_s_password(COORDINATOR_PASSWORD)
-    assert result.returncode == 7, result.stderr
+    assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        'sharding_demo.py: error: master-db refused the insert: could not connect to server "shard_two" '
+        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
+        'for master-db, could not be asked who it is through master-db: could not connect to server "shard_two" '
         f'(connection to server at "127.0.0.1", port {shard_two.port} failed: FATAL:  password authentication '
-        'failed for user "coordinator"); nothing was written'
+        'failed for user "coordinator"); nothing was written on any shard'
     ]
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def a_look_alike_database(node: PostgresNode) -> None:
+    """A database `lookalike` on `node` with shard-one's tables, bound as on master-db, but none of its rows."""
+    with tcp(node) as connection:
+        connection.execute("DROP DATABASE IF EXISTS lookalike")
+        connection.execute("CREATE DATABASE lookalike")
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=node.port,
+        user="postgres",
+        password=DEFAULT_PASSWORD,
+        dbname="lookalike",
+        autocommit=True,
+    ) as connection:
+        connection.execute("CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name text) PARTITION BY HASH (id)")
+        connection.execute("CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 0)")
+        connection.execute("CREATE TABLE tbl_users_p2 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 2)")
+
+
+@contextlib.contextmanager
+def a_copy_of(sharded: LocalCluster, shard: PostgresNode) -> Iterator[PostgresNode]:
+    """A physical copy of a shard (pg_basebackup), started on a port of its own as a server in its own right: the
+    same cluster, with the same tables and rows, but not the server that master-db stores on."""
+    copy = PostgresNode(f"{shard.name}-copy", free_port_base(1), sharded.base_dir, sharded.runner, shard.env)
+    copy.run(
+        "pg_basebackup",
+        f"--pgdata={copy.data_dir}",
+        f"--host={shard.socket_dir}",
+        f"--port={shard.port}",
+        "--username=postgres",
+        "--wal-method=stream",
+        "--checkpoint=fast",
+    )
+    copy.start()
+    try:
+        yield copy
+    finally:
+        copy.stop()
+
+
+@pytest.mark.parametrize("look_alike", ["another cluster", "another database", "a copy"])
+def test_a_shard_setting_that_points_at_a_look_alike_is_refused_before_the_write(
+    sharded: LocalCluster, look_alike: str
+) -> None:
+    # A server that holds shard-one's tables, bound as on master-db, passes the check of the tables. Only asking who
+    # it is, on it and through master-db, tells it from shard-one: else the run would commit, and the proof read on
+    # the look-alike would say MISMATCH.
+    shard_one, shard_two = shard_of(sharded, "shard-one"), shard_of(sharded, "shard-two")
+    before = {node.name: len(ids_on(node)) for node in sharded.shards}
+    with contextlib.ExitStack() as stack:
+        if look_alike == "a copy":
+            port, env = stack.enter_context(a_copy_of(sharded, shard_one)).port, {}
+            started = shard_one.query("SELECT pg_postmaster_start_time()")[0][0]
+        else:
+            node = shard_two if look_alike == "another cluster" else shard_one
+            a_look_alike_database(node)
+            port, env = node.port, {"SHARD_ONE_NAME": "lookalike"}
+        result = run_demo(sharded, env={"SHARD_ONE_PORT": str(port), **env})
+    assert result.returncode == 9, result.stderr
+    [line] = result.stderr.splitlines()
+    prefix = (
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{port}) is not the server that master-db stores "
+        "tbl_users_p0, tbl_users_p2 on: "
+    )
+    assert line.startswith(prefix)
+    fix = "check SHARD_ONE_NAME" if look_alike == "another database" else "check SHARD_ONE_HOST and SHARD_ONE_PORT"
+    assert line.endswith(f"): {fix}; nothing was written on any shard")
+    why = line.removeprefix(prefix)
+    [[one]], [[two]] = shard_one.query(IDENTIFIER), shard_two.query(IDENTIFIER)
+    if look_alike == "another cluster":
+        assert why.startswith(f"another cluster (system identifier {two}; master-db's shard-one has {one})")
+    elif look_alike == "another database":
+        assert why.startswith("another database (lookalike; master-db's shard-one is database postgres)")
+    else:
+        assert why.startswith("another server of its cluster, a copy (started at ")
+        assert f"; master-db's shard-one at {started})" in why
+    assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
+
+
+def test_a_layout_made_before_the_shards_could_be_asked_who_they_are_says_to_make_it_afresh(
+    sharded: LocalCluster,
+) -> None:
+    # A compose volume made by an older init-shard.sh has no foreign table shard_one_identity on master-db.
+    before = {node.name: len(ids_on(node)) for node in sharded.shards}
+    sharded.primary.execute("ALTER FOREIGN TABLE shard_one_identity RENAME TO shard_one_identity_hidden")
+    try:
+        result = run_demo(sharded)
+    finally:
+        sharded.primary.execute("ALTER FOREIGN TABLE shard_one_identity_hidden RENAME TO shard_one_identity")
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_of(sharded, 'shard-one').port}), which stores "
+        "tbl_users_p0, tbl_users_p2 for master-db, could not be asked who it is through master-db (master-db has no "
+        "shard_one_identity: an older init-shard.sh made this layout; make it afresh with docker compose --profile "
+        "sharded down -v, then up); nothing was written on any shard"
+    ]
+    assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
 
 @pytest.mark.parametrize("points_at", ["master-db", "replica-one", "shard-two"])
