@@ -787,11 +787,16 @@ def render_text(report: Report) -> str:
         lines.append(f"  as predicted, and on no other shard: {report.shards_as_predicted()}")
 
     by_id, by_name = report.pruning.value
+    partition_named = {f"{partition.schema}.{partition.name}": partition for partition in report.primary.partitions}
+
+    def reads(tables: list[str]) -> str:  # "public.tbl_users_p0 on shard-one": which shards a query reaches
+        return ", ".join(name + stored(partition_named[name]) for name in tables)
+
     lines += [
         "",
         f"Partition pruning, in the server's own plans (EXPLAIN, on {report.pruning.server.service}):",
-        f"  WHERE id = <{user_name(0)}'s id> reads {', '.join(by_id)}",
-        f"  WHERE first_name = '{user_name(0)}' reads {', '.join(by_name)}",
+        f"  WHERE id = <{user_name(0)}'s id> reads {reads(by_id)}",
+        f"  WHERE first_name = '{user_name(0)}' reads {reads(by_name)}",
         "",
         f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every run's, this run's "
         f"{written.users:,} included.",
@@ -1468,24 +1473,27 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None, r
 def shard_unseen(shard: Server, names: list[str], asked: str, primary: Server, error: BaseException) -> DemoError:
     """master-db could not say who the shard is: it cannot log in there, say, or its layout is older than the view."""
     what = f"{shard}, which stores {', '.join(names)} for master-db, could not be asked who it is through master-db"
-    if sqlstate(error) == "42P01":  # undefined_table
+    if sqlstate(error) == "42P01" and not from_a_shard(error):  # undefined_table, on master-db itself
         what += f" (master-db has no {asked}: an older init-shard.sh made this layout; make it afresh with "
         what += "docker compose --profile sharded down -v, then up)"
     else:
         what += f": {cause(primary, error)}"
+        if from_a_shard(error):  # the shard answered master-db with this error (its view is gone, say)
+            what += " (the shard's answer, which postgres_fdw passed on)"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 
 
 def not_that_shard(shard: Server, names: list[str], itself: tuple[Any, ...], seen: tuple[Any, ...]) -> DemoError:
     """The shard's settings reach a server that holds the same tables, but is not the one master-db stores on."""
-    fix = to_check(shard.settings, "host", "port")
-    theirs = f"master-db's {shard.service}"
-    if itself[0] != seen[0]:
-        what = f"another cluster (system identifier {itself[0]}; {theirs} has {seen[0]})"
-    elif itself[1] != seen[1]:
-        what = f"another server of its cluster, a copy (started at {itself[1]}; {theirs} at {seen[1]})"
+    (identifier, started_at, database), (their_identifier, their_start, their_database) = itself, seen
+    theirs, fix = f"master-db's {shard.service}", to_check(shard.settings, "host", "port")
+    if identifier != their_identifier:
+        what = f"another cluster (system identifier {identifier}; {theirs} has {their_identifier})"
+    elif started_at != their_start:
+        what = f"another server of its cluster, a copy (started at {started_at}; {theirs} at {their_start})"
     else:
-        what, fix = f"another database ({itself[2]}; {theirs} is database {seen[2]})", to_check(shard.settings, "name")
+        what = f"another database ({database}; {theirs} is database {their_database})"
+        fix = to_check(shard.settings, "name")
     message = f"{shard} is not the server that master-db stores {', '.join(names)} on: {what}: {fix}"
     return DemoError(f"{message}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 

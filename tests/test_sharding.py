@@ -172,6 +172,17 @@ def test_the_text_report_says_where_each_partition_is_stored(sharded: LocalClust
     assert result.returncode == 0, result.stderr
     assert "Partition tbl_users_p0: " in result.stdout and " on shard-one\n" in result.stdout
     assert "  as predicted, and on no other shard: yes" in result.stdout
+    # Pruning, from the server's plan: a lookup by id reaches one shard, a query without the key every one.
+    home = {
+        "tbl_users_p0": "shard-one",
+        "tbl_users_p1": "shard-two",
+        "tbl_users_p2": "shard-one",
+        "tbl_users_p3": "shard-two",
+    }
+    [by_id] = re.findall(r"  WHERE id = <John's id> reads public\.(tbl_users_p\d) on (shard-\w+)\n", result.stdout)
+    assert home[by_id[0]] == by_id[1]
+    everywhere = ", ".join(f"public.{name} on {shard}" for name, shard in home.items())
+    assert f"  WHERE first_name = 'John' reads {everywhere}\n" in result.stdout
     assert result.stderr == ""
 
 
@@ -555,6 +566,24 @@ def test_a_layout_made_before_the_shards_could_be_asked_who_they_are_says_to_mak
         "tbl_users_p0, tbl_users_p2 for master-db, could not be asked who it is through master-db (master-db has no "
         "shard_one_identity: an older init-shard.sh made this layout; make it afresh with docker compose --profile "
         "sharded down -v, then up); nothing was written on any shard"
+    ]
+    assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
+
+
+def test_a_shard_without_its_identity_view_is_told_as_the_shard_s_answer(sharded: LocalCluster) -> None:
+    # master-db has shard_two_identity, but shard-two's view is gone: the error is shard-two's, passed on.
+    before = {node.name: len(ids_on(node)) for node in sharded.shards}
+    shard_two = shard_of(sharded, "shard-two")
+    shard_two.execute("ALTER VIEW shard_identity RENAME TO shard_identity_hidden")
+    try:
+        result = run_demo(sharded)
+    finally:
+        shard_two.execute("ALTER VIEW shard_identity_hidden RENAME TO shard_identity")
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
+        'for master-db, could not be asked who it is through master-db: relation "public.shard_identity" does not '
+        "exist (the shard's answer, which postgres_fdw passed on); nothing was written on any shard"
     ]
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
