@@ -350,13 +350,9 @@ class Watchdog:
             time.sleep(0.1)
             with self.lock:
                 now = time.monotonic()
-                # A look that comes a second late means that this process did not run meanwhile: stopped with Ctrl-Z
-                # (then `fg`), say. The servers answered all the while, so that time does not count against them.
                 paused, last_look = now - last_look - 0.1, now
-                if paused > 1:
-                    self.deadline, self.last_progress = self.deadline + paused, self.last_progress + paused
-                    for connection, (server, since) in list(self.watched.items()):
-                        self.watched[connection] = (server, None if since is None else since + paused)
+                if paused > 1:  # this process did not run for a while: Ctrl-Z, then `fg` (appendix D)
+                    allow_for_a_pause(self, paused)
                 for connection, (server, since) in list(self.watched.items()):
                     if connection.pgconn.transaction_status != TransactionStatus.ACTIVE:
                         self.watched[connection] = (server, None)
@@ -532,14 +528,7 @@ class ReadWriteRouter:
                     result = work(session)
                     identity = session.execute(text(IDENTITY)).one()  # who answered, in the same transaction
             except DATABASE_ERRORS as error:
-                # An error it answered, or a shard that stopped while this replica waited on it (appendix D): no
-                # other replica would do better. A recovery conflict is this replica's, and so is a permission refused
-                # to its own settings' user (a read-only role, say); not one that a shard refused to master-db's role.
-                its_own = sqlstate(error) in (RECOVERY_CONFLICT, PERMISSION_DENIED) and not from_a_shard(error)
-                elsewhere_too = answered(error) and not its_own
-                if server is self.primary or elsewhere_too or shard_that_stopped(server):
-                    raise ReadFailed(server, error) from error  # which says who was asked (appendix D)
-                leave_out(self, server, replica_failure(server, error), when="during the reads")  # appendix D
+                fail_over(self, server, error)  # leave it out, or raise if no other would do better: appendix D
                 continue
             problem = None if server is self.primary else self.not_a_standby(server, identity)
             if problem is None:
@@ -1301,6 +1290,26 @@ def give_up(watchdog: Watchdog, server: Server, connection: psycopg.Connection[A
     # nothing may stop the watchdog's thread
     with suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
         duplicate.shutdown(socket.SHUT_RDWR)
+
+
+def allow_for_a_pause(watchdog: Watchdog, paused: float) -> None:
+    """A look that comes a second late means that this process did not run meanwhile: stopped with Ctrl-Z (then
+    `fg`), say. The servers answered all the while, so that time does not count against them."""
+    watchdog.deadline, watchdog.last_progress = watchdog.deadline + paused, watchdog.last_progress + paused
+    for connection, (server, since) in list(watchdog.watched.items()):
+        watchdog.watched[connection] = (server, None if since is None else since + paused)
+
+
+def fail_over(router: ReadWriteRouter, server: Server, error: BaseException) -> None:
+    """A read failed on `server`. An error it answered, or a shard that stopped while this replica waited on it: no
+    other replica would do better, so the read fails, naming who was asked (ReadFailed). A recovery conflict is this
+    replica's, though, and so is a permission refused to its own settings' user (a read-only role, say); not one that
+    a shard refused to master-db's role. Otherwise the replica is left out, and the router tries another."""
+    its_own = sqlstate(error) in (RECOVERY_CONFLICT, PERMISSION_DENIED) and not from_a_shard(error)
+    elsewhere_too = answered(error) and not its_own
+    if server is router.primary or elsewhere_too or shard_that_stopped(server):
+        raise ReadFailed(server, error) from error
+    leave_out(router, server, replica_failure(server, error), when="during the reads")
 
 
 def shard_that_stopped(server: Server) -> Server | None:
