@@ -1485,8 +1485,10 @@ def shard_unseen(shard: Server, names: list[str], asked: str, primary: Server, e
     if sqlstate(error) == "42P01" and not from_a_shard(error):  # undefined_table, on master-db itself
         what += f" (master-db has no {asked}: an older init-shard.sh made this layout; make it afresh with "
         what += "docker compose --profile sharded down -v, then up)"
+    elif primary.service in primary.watchdog.gave_up_on:  # it waited on the shard, for a lock say
+        what += f": {primary.service} {cause(primary, error)}"
     else:
-        what += f": {cause(primary, error)}"
+        what += f": {one_line(error)}"
         if from_a_shard(error):  # the shard answered master-db with this error (its view is gone, say)
             what += " (the shard's answer, which postgres_fdw passed on)"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)

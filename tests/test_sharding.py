@@ -570,6 +570,32 @@ def test_a_layout_made_before_the_shards_could_be_asked_who_they_are_says_to_mak
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
 
+def test_a_shard_that_keeps_master_db_s_question_waiting_is_cut_off_at_the_stall_bound(sharded: LocalCluster) -> None:
+    # A lock on shard-two's view holds up only the question asked through master-db (the demo's own question calls
+    # pg_control_system() directly): master-db waits on shard-two, and the demo gives up at the stall bound.
+    shard_two = shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    with holding_a_lock(shard_two, "LOCK TABLE shard_identity IN ACCESS EXCLUSIVE MODE") as blocker:
+        started = time.monotonic()
+        result = run_demo(sharded, env={"DEMO_STALL_TIMEOUT": "2"})
+        elapsed = time.monotonic() - started
+        # master-db's backend ends its statement (client_connection_check_interval), and postgres_fdw cancels the
+        # remote one: nothing is left waiting on shard-two but the lock's holder.
+        others = (
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND pid NOT IN (%s, pg_backend_pid())"
+        )
+        assert wait_until(lambda: shard_two.query(others, [blocker]) == [(0,)], timeout=10)
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
+        "for master-db, could not be asked who it is through master-db: master-db did not answer for 2 s "
+        "(DEMO_STALL_TIMEOUT); nothing was written on any shard"
+    ]
+    assert elapsed < 2 + 5  # the bound, and the demo's start-up and checks
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
 def test_a_shard_without_its_identity_view_is_told_as_the_shard_s_answer(sharded: LocalCluster) -> None:
     # master-db has shard_two_identity, but shard-two's view is gone: the error is shard-two's, passed on.
     before = {node.name: len(ids_on(node)) for node in sharded.shards}
