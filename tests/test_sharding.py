@@ -66,6 +66,15 @@ def shard_of(sharded: LocalCluster, name: str) -> PostgresNode:
     return next(node for node in sharded.shards if node.name == name)
 
 
+def only_the_lock_holder_is_left(node: PostgresNode, holder: int) -> bool:
+    """No client session on `node` but the one that holds a lock (and this question's own): none left waiting."""
+    others = (
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        "AND pid NOT IN (%s, pg_backend_pid())"
+    )
+    return node.query(others, [holder]) == [(0,)]
+
+
 # ------------------------------------------------------------------------------------------------
 # The layout
 # ------------------------------------------------------------------------------------------------
@@ -429,11 +438,7 @@ def test_a_lock_on_a_shard_that_keeps_the_insert_waiting_is_told_from_the_coordi
         # 50 users: that none of them is for shard-one's partitions has a chance of 1 in 2**50
         result = run_demo(sharded, "--users", "50", env={"DEMO_STALL_TIMEOUT": "2"})
         # master-db's cancel reached the shard: postgres_fdw's remote INSERT is not left waiting for the lock
-        others = (
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid NOT IN (%s, pg_backend_pid())"
-        )
-        assert wait_until(lambda: shard_one.query(others, [blocker]) == [(0,)], timeout=10)
+        assert wait_until(lambda: only_the_lock_holder_is_left(shard_one, blocker), timeout=10)
     assert result.returncode == 3, result.stderr
     [line] = result.stderr.splitlines()
     assert line == (
@@ -581,11 +586,7 @@ def test_a_shard_that_keeps_master_db_s_question_waiting_is_cut_off_at_the_stall
         elapsed = time.monotonic() - started
         # master-db's backend ends its statement (client_connection_check_interval), and postgres_fdw cancels the
         # remote one: nothing is left waiting on shard-two but the lock's holder.
-        others = (
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid NOT IN (%s, pg_backend_pid())"
-        )
-        assert wait_until(lambda: shard_two.query(others, [blocker]) == [(0,)], timeout=10)
+        assert wait_until(lambda: only_the_lock_holder_is_left(shard_two, blocker), timeout=10)
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
         f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
