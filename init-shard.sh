@@ -57,7 +57,8 @@ CREATE TABLE tbl_users (
 -- Who this shard is: its cluster (initdb made the system identifier), since when it runs, and which
 -- database. The demo asks this twice, on the shard itself and through the coordinator (which reads
 -- it with a foreign table, below): the same answer proves that its SHARD_* settings reach the very
--- shard the coordinator stores on. The view runs as its owner, so the coordinator needs only SELECT.
+-- shard the coordinator stores on. (A view's functions are called with the privileges of whoever
+-- reads it; these three may be called by any role, so the coordinator needs only SELECT on it.)
 CREATE VIEW shard_identity AS
     SELECT system_identifier, pg_postmaster_start_time() AS started_at, current_database() AS database
     FROM pg_control_system();
