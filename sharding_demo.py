@@ -1485,6 +1485,9 @@ def shard_unseen(shard: Server, names: list[str], asked: str, primary: Server, e
     if sqlstate(error) == "42P01" and not from_a_shard(error):  # undefined_table, on master-db itself
         what += f" (master-db has no {asked}: an older init-shard.sh made this layout; make it afresh with "
         what += "docker compose --profile sharded down -v, then up)"
+    elif sqlstate(error) == PERMISSION_DENIED and not from_a_shard(error):  # refused to the demo's own user
+        user, fix = primary.settings.user, to_check(primary.settings, "user")
+        what += f": user {user} may not read {asked} there (the check needs SELECT on it): {fix}"
     elif primary.service in primary.watchdog.gave_up_on:  # it waited on the shard, for a lock say
         what += f": {primary.service} {cause(primary, error)}"
     else:

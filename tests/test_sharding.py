@@ -29,6 +29,7 @@ from conftest import (
     docker_compose,
     functions_outside_the_lesson,
     holding_a_lock,
+    logged_in_as,
     run_demo,
     start_demo,
     wait_until,
@@ -595,6 +596,37 @@ def test_a_shard_that_keeps_master_db_s_question_waiting_is_cut_off_at_the_stall
     ]
     assert elapsed < 2 + 5  # the bound, and the demo's start-up and checks
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def test_a_primary_user_that_may_not_read_a_shard_s_identity_is_told_the_grant_it_needs(sharded: LocalCluster) -> None:
+    # A role of the learner's own on master-db, with what the write and the reads need, and no more: the check of
+    # the shards asks through master-db too, so it needs SELECT on their identity tables as well.
+    a_login_role(
+        sharded,
+        "app",
+        "GRANT SELECT, INSERT ON tbl_users, tbl_users_p0, tbl_users_p1, tbl_users_p2, tbl_users_p3 TO app",
+    )
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    result = run_demo(sharded, env=logged_in_as("app", "x"))
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_of(sharded, 'shard-one').port}), which stores "
+        "tbl_users_p0, tbl_users_p2 for master-db, could not be asked who it is through master-db: user app may not "
+        "read shard_one_identity there (the check needs SELECT on it): check MASTER_DB_USER; nothing was written on "
+        "any shard"
+    ]
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+    # With that grant, the role runs the whole demo.
+    sharded.primary.execute("GRANT SELECT ON shard_one_identity, shard_two_identity TO app")
+    assert wait_until(
+        lambda: all(
+            replica.query("SELECT has_table_privilege('app', 'shard_two_identity', 'SELECT')") == [(True,)]
+            for replica in sharded.replicas
+        )
+    )
+    result = run_demo(sharded, env=logged_in_as("app", "x"))
+    assert result.returncode == 0, result.stderr
+    assert sum(len(ids_on(shard)) for shard in sharded.shards) == sum(before.values()) + 5
 
 
 def test_a_shard_without_its_identity_view_is_told_as_the_shard_s_answer(sharded: LocalCluster) -> None:
