@@ -50,9 +50,11 @@ def sharded() -> Iterator[LocalCluster]:
         del os.environ["COORDINATOR_PASSWORD"]
 
 
-def tcp(node: PostgresNode, user: str = "postgres", password: str = DEFAULT_PASSWORD) -> psycopg.Connection[Any]:
+def tcp(
+    node: PostgresNode, user: str = "postgres", password: str = DEFAULT_PASSWORD, dbname: str = "postgres"
+) -> psycopg.Connection[Any]:
     return psycopg.connect(
-        host="127.0.0.1", port=node.port, user=user, password=password, dbname="postgres", autocommit=True
+        host="127.0.0.1", port=node.port, user=user, password=password, dbname=dbname, autocommit=True
     )
 
 
@@ -483,14 +485,7 @@ def a_look_alike_database(node: PostgresNode) -> None:
     with tcp(node) as connection:
         connection.execute("DROP DATABASE IF EXISTS lookalike")
         connection.execute("CREATE DATABASE lookalike")
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=node.port,
-        user="postgres",
-        password=DEFAULT_PASSWORD,
-        dbname="lookalike",
-        autocommit=True,
-    ) as connection:
+    with tcp(node, dbname="lookalike") as connection:
         connection.execute("CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name text) PARTITION BY HASH (id)")
         connection.execute("CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 0)")
         connection.execute("CREATE TABLE tbl_users_p2 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 2)")
