@@ -183,11 +183,11 @@ def count_on(node: PostgresNode, database: str = "postgres") -> int:
         return int(connection.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]
 
 
-def counts_everywhere(cluster: LocalCluster) -> list[int]:
+def counts_everywhere(cluster: LocalCluster, database: str = "postgres") -> list[int]:
     """tbl_users' rows on the primary and on each replica, once the replicas have caught up."""
-    primary = count_on(cluster.primary)
+    primary = count_on(cluster.primary, database)
     for replica in cluster.replicas:
-        assert wait_until(lambda replica=replica: count_on(replica) == primary, timeout=30), replica.name
+        assert wait_until(lambda replica=replica: count_on(replica, database) == primary, timeout=30), replica.name
     return [primary] * 3
 
 
@@ -211,6 +211,24 @@ def database_with(cluster: LocalCluster, name: str, *statements: str) -> dict[st
         for statement in statements:
             database.execute(statement)
     return {f"{prefix}NAME": name for prefix in ("MASTER_DB_", "REPLICA_ONE_", "REPLICA_TWO_")}
+
+
+def database_with_a_commit_trigger(cluster: LocalCluster, name: str, body: str) -> dict[str, str]:
+    """A fresh database whose tbl_users (two hash partitions) runs the PL/pgSQL `body` at COMMIT, for each row: a
+    deferred constraint trigger runs inside COMMIT, before the commit is written. The settings to use it."""
+    return database_with(
+        cluster,
+        name,
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 0)",
+        "CREATE TABLE tbl_users_p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
+        f"CREATE FUNCTION at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} END $$",
+        *(
+            f"CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON tbl_users_p{n} DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW EXECUTE FUNCTION at_commit()"
+            for n in range(2)
+        ),
+    )
 
 
 @contextlib.contextmanager

@@ -11,7 +11,16 @@ import pytest
 from psycopg import sql
 
 import sharding_demo
-from conftest import a_login_role, connect, count_on, database_with, logged_in_as, run_demo, wait_until
+from conftest import (
+    a_login_role,
+    connect,
+    counts_everywhere,
+    database_with,
+    database_with_a_commit_trigger,
+    logged_in_as,
+    run_demo,
+    wait_until,
+)
 from local_cluster import LocalCluster, PostgresNode, free_port_base
 
 
@@ -246,26 +255,13 @@ def test_password_with_special_characters(cluster: LocalCluster, password: str) 
 
 @pytest.mark.parametrize("users", ["5", "200"])  # the ORM path, and the bulk path (COPY)
 def test_a_commit_that_the_primary_refuses_is_told_as_nothing_written(cluster: LocalCluster, users: str) -> None:
-    # A deferred constraint trigger runs inside COMMIT, before the commit is written; this one refuses. The primary
-    # answers the COMMIT with that error and rolls the transaction back: one server, so nothing was written.
-    settings = database_with(
-        cluster,
-        f"refused_commit_{users}",
-        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
-        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 0)",
-        "CREATE TABLE tbl_users_p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
-        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no, at commit'; END $$",
-        *(
-            f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON tbl_users_p{n} DEFERRABLE INITIALLY DEFERRED "
-            "FOR EACH ROW EXECUTE FUNCTION refuse()"
-            for n in range(2)
-        ),
-    )
+    # The trigger refuses inside COMMIT: the primary answers the COMMIT with that error and rolls the transaction
+    # back. One server, so nothing was written.
+    settings = database_with_a_commit_trigger(cluster, f"refused_commit_{users}", "RAISE EXCEPTION 'no, at commit';")
     result = run_demo(cluster, "--users", users, env=settings)
     assert result.returncode == 7, result.stderr
     assert_one_line_error(
         result.stderr,
         "master-db refused the COMMIT: no, at commit; the transaction was rolled back: nothing was written",
     )
-    database = settings["MASTER_DB_NAME"]
-    assert [count_on(node, database) for node in [cluster.primary, *cluster.replicas]] == [0, 0, 0]
+    assert counts_everywhere(cluster, settings["MASTER_DB_NAME"]) == [0, 0, 0]

@@ -36,6 +36,7 @@ from conftest import (
     count_on,
     counts_everywhere,
     database_with,
+    database_with_a_commit_trigger,
     holding_a_lock,
     logged_in_as,
     pause_replay,
@@ -408,19 +409,7 @@ def test_a_commit_rolled_back_without_an_answer_is_told_as_nothing_written(clust
     # A deferred constraint trigger runs inside COMMIT, before the commit is written; this one sleeps. The demo's
     # COMMIT is cancelled there by Ctrl-C, or its server process terminated: the transaction is rolled back, and the
     # primary says so when asked.
-    settings = database_with(
-        cluster,
-        "slow_commit",
-        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
-        "CREATE TABLE tbl_users_p0 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 0)",
-        "CREATE TABLE tbl_users_p1 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$",
-        *(
-            f"CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON tbl_users_p{n} DEFERRABLE INITIALLY DEFERRED "
-            "FOR EACH ROW EXECUTE FUNCTION slow()"
-            for n in range(2)
-        ),
-    )
+    settings = database_with_a_commit_trigger(cluster, "slow_commit", "PERFORM pg_sleep(60); RETURN NULL;")
     demo = start_demo(cluster, env=settings | {"DEMO_STALL_TIMEOUT": "120"})
     pid = demo_backend_waiting_in(cluster.primary, "PgSleep")
     if how == "Ctrl-C":
