@@ -611,9 +611,12 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_tried_on_the_other_replica(
     assert conflicted
     [skip] = report.skipped
     assert (skip.replica.service, skip.when) == ("replica-one", "during the reads")
-    assert skip.reason == (
-        "answered the demo's question with an error: canceling statement due to conflict with recovery (User was "
-        "holding a relation lock for too long.)"
+    # Usually the replayed lock is what cancels the read ("User was holding a relation lock for too long."). But with
+    # max_standby_streaming_delay = 0 any conflict cancels it at once, and the primary's other work (a vacuum, a HOT
+    # prune) can replay a cleanup record first ("User query might have needed to see row versions that must be
+    # removed."), as CI once saw. Either one is a recovery conflict, and either one sends the read to replica-two.
+    assert skip.reason.startswith(
+        "answered the demo's question with an error: canceling statement due to conflict with recovery ("
     )
     assert report.contents[0].server.service == "replica-two"
     assert not sharding_demo.primary_served_reads(report)
