@@ -1618,15 +1618,15 @@ class CommitRefused(DemoError):
                 count = sum(users_on_shard(shard, self.ids).values())
             except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM or SIGHUP: ask no more shards
                 interruption, all_known = error, False
-                told += [f"{each.service} was not counted (interrupted)" for each in shards[number:]]
+                told += [f"{each} was not counted (interrupted)" for each in shards[number:]]
                 break
             except (ReadFailed, *DATABASE_ERRORS) as error:
                 all_known = False
-                told.append(f"{shard.service} kept an unknown number of this run's users ({cause(shard, error)})")
+                told.append(f"{shard} kept an unknown number of this run's users ({cause(shard, error)})")
                 continue
             kept_some, all_known = kept_some or count > 0, all_known and settled
             note = "" if settled else " so far (a transaction was still open there)"
-            told.append(f"{shard.service} kept {count:,} of this run's {len(self.ids):,} users{note}")
+            told.append(f"{shard} kept {count:,} of this run's {len(self.ids):,} users{note}")
         refused, each = self.what, ", ".join(told)
         if kept_some:  # what a shard has committed stays, whatever the others did
             outcome = DemoError(
@@ -1684,22 +1684,22 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
         )
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
-        return CommitRefused(primary, written.ids, f"{primary.service} refused the COMMIT: {one_line(error)}")
+        return CommitRefused(primary, written.ids, f"{primary} refused the COMMIT: {one_line(error)}")
     if stage == "during":
         return outcome_of_the_commit(written, error, xid)
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, "before the commit: nothing was written")
     if sqlstate(error) == "57014":
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
-        return DemoError(f"{primary.service} {what}; nothing was written", ExitCode.REFUSED)
+        return DemoError(f"{primary} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:
         what = f"{primary} {cause(primary, error)} during the insert"
         return DemoError(f"{what}; nothing was written", ExitCode.PRIMARY_LOST)
     if not answered(error):
         return DemoError(
-            f"lost {primary.service} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
+            f"lost {primary} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
         )
-    return DemoError(f"{primary.service} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
+    return DemoError(f"{primary} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
 
 
 # What became of a transaction, by its id: 'committed', 'aborted' or 'in progress' (from the commit log, pg_xact);
@@ -1720,10 +1720,10 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
     the shards are counted (CommitRefused)."""
     primary = written.primary
     if isinstance(error, KeyboardInterrupt):  # told with the signal's exit code, if the outcome is known
-        interruption = interrupted(error, "during the COMMIT")
+        interruption = interrupted(error, f"during the COMMIT on {primary}")
         what, exit_code = str(interruption), interruption.exit_code
     else:
-        what, exit_code = f"lost {primary.service} during the COMMIT ({cause(primary, error)})", None
+        what, exit_code = f"lost {primary} during the COMMIT ({cause(primary, error)})", None
     status, standbys = None, None
     try:
         with primary.engine.connect() as connection:
@@ -1768,7 +1768,7 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     if shard:
         what = f"{shard} {cause(shard, error)}, and the reads need it"
     elif primary.service in primary.watchdog.gave_up_on:
-        what = f"{primary.service} {cause(primary, error)}"
+        what = f"{primary} {cause(primary, error)}"
     else:
         what = one_line(error)
         if from_a_shard(error):

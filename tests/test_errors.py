@@ -262,6 +262,7 @@ def test_a_commit_that_the_primary_refuses_is_told_as_nothing_written(cluster: L
     assert result.returncode == 7, result.stderr
     assert_one_line_error(
         result.stderr,
-        "master-db refused the COMMIT: no, at commit; the transaction was rolled back: nothing was written",
+        f"master-db (127.0.0.1:{cluster.primary.port}) refused the COMMIT: no, at commit; the transaction was rolled "
+        "back: nothing was written",
     )
     assert counts_everywhere(cluster, settings["MASTER_DB_NAME"]) == [0, 0, 0]

@@ -384,7 +384,7 @@ def test_a_commit_whose_answer_never_came_is_told_by_pg_xact_status() -> None:
         told = re.fullmatch(OUTCOME, line)
         assert told, line
         assert (told["what"], told["status"], told["rest"]) == (
-            "interrupted (Ctrl-C) during the COMMIT",
+            f"interrupted (Ctrl-C) during the COMMIT on master-db (127.0.0.1:{cluster.primary.port})",
             "committed",
             committed,
         )
@@ -399,7 +399,8 @@ def test_a_commit_whose_answer_never_came_is_told_by_pg_xact_status() -> None:
         [line] = errors_of(stderr)
         told = re.fullmatch(OUTCOME, line)
         assert told, line
-        assert told["what"].startswith("lost master-db during the COMMIT (") and told["status"] == "committed"
+        lost = f"lost master-db (127.0.0.1:{cluster.primary.port}) during the COMMIT ("
+        assert told["what"].startswith(lost) and told["status"] == "committed"
         assert told["rest"] == committed
         assert count_on(cluster.primary) == 10
 
@@ -422,10 +423,11 @@ def test_a_commit_rolled_back_without_an_answer_is_told_as_nothing_written(clust
     told = re.fullmatch(OUTCOME, line)
     assert told, line
     assert (told["status"], told["rest"]) == ("aborted", "nothing was written")
+    primary = f"master-db (127.0.0.1:{cluster.primary.port})"
     if how == "Ctrl-C":
-        assert demo.returncode == 130 and told["what"] == "interrupted (Ctrl-C) during the COMMIT", stderr
+        assert demo.returncode == 130 and told["what"] == f"interrupted (Ctrl-C) during the COMMIT on {primary}", stderr
     else:
-        assert demo.returncode == 3 and told["what"].startswith("lost master-db during the COMMIT ("), stderr
+        assert demo.returncode == 3 and told["what"].startswith(f"lost {primary} during the COMMIT ("), stderr
     assert count_on(cluster.primary, "slow_commit") == 0
 
 

@@ -69,6 +69,11 @@ def shard_of(sharded: LocalCluster, name: str) -> PostgresNode:
     return next(node for node in sharded.shards if node.name == name)
 
 
+def named(node: PostgresNode) -> str:
+    """How the demo's messages name a server: "shard-one (127.0.0.1:5435)"."""
+    return f"{node.name} (127.0.0.1:{node.port})"
+
+
 def only_the_lock_holder_is_left(node: PostgresNode, holder: int) -> bool:
     """No client session on `node` but the one that holds a lock (and this question's own): none left waiting."""
     others = (
@@ -258,11 +263,11 @@ def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluste
     [line] = [line for line in result.stderr.splitlines() if " of 1,000 users" not in line]  # not progress
     assert kept["shard-two"] == 0 and kept["shard-one"] > 0  # half committed, truly
     assert line == (
-        "sharding_demo.py: error: master-db refused the COMMIT: shard-two refuses at commit; "
-        "partly committed, "
-        f"as read on each shard: shard-one kept {kept['shard-one']:,} of this run's {users:,} users, "
-        f"shard-two kept 0 of this run's {users:,} users; those stay (postgres_fdw has no two-phase commit), "
-        "and tbl_users shows them"
+        f"sharding_demo.py: error: {named(sharded.primary)} refused the COMMIT: shard-two refuses at commit; "
+        "partly committed, as read on each shard: "
+        f"{named(shard_of(sharded, 'shard-one'))} kept {kept['shard-one']:,} of this run's {users:,} users, "
+        f"{named(shard_two)} kept 0 of this run's {users:,} users; those stay (postgres_fdw has no two-phase "
+        "commit), and tbl_users shows them"
     )
 
 
@@ -284,8 +289,8 @@ def test_a_half_commit_is_counted_once_the_other_shard_has_finished_committing(
     assert result.returncode == 10, result.stderr
     assert kept > 0
     told = {
-        slow: f"{slow} kept {kept:,} of this run's 100 users",
-        refuser: f"{refuser} kept 0 of this run's 100 users",
+        slow: f"{named(slow_node)} kept {kept:,} of this run's 100 users",
+        refuser: f"{named(refusing_node)} kept 0 of this run's 100 users",
     }
     assert f"{told['shard-one']}, {told['shard-two']};" in result.stderr
 
@@ -309,11 +314,12 @@ def test_a_half_commit_that_cannot_be_counted_for_sure_says_so(
     kept = {shard.name: len(ids_on(shard)) - before[shard.name] for shard in sharded.shards}
 
     [line] = result.stderr.splitlines()
-    assert "shard-one kept" in line and "of this run's 100 users so far (a transaction was still open there)" in line
+    shard_one = named(shard_of(sharded, "shard-one"))
+    assert f"{shard_one} kept" in line and "of this run's 100 users so far (a transaction was still open there)" in line
     if len(refusers) == 1:
         assert result.returncode == 10, result.stderr
         assert kept["shard-one"] > 0 and kept["shard-two"] == 0
-        assert f"shard-one kept {kept['shard-one']:,} of this run's 100 users so far" in line
+        assert f"{shard_one} kept {kept['shard-one']:,} of this run's 100 users so far" in line
     else:
         assert result.returncode == 8, result.stderr
         assert kept == {"shard-one": 0, "shard-two": 0}
@@ -347,11 +353,12 @@ def test_a_coordinator_lost_during_its_commit_says_what_each_shard_kept(sharded:
     assert kept["shard-one"] > 0 and kept["shard-two"] == 0
     [line] = stderr.splitlines()
     assert re.fullmatch(
-        r"sharding_demo.py: error: lost master-db during the COMMIT \(.+\), but master-db says its transaction \d+ "
-        r"is 'aborted' \(pg_xact_status\); partly committed, as read on each shard: "
-        f"shard-one kept {kept['shard-one']:,} of this run's 100 users, "
-        r"shard-two kept 0 of this run's 100 users so far \(a transaction was still open there\); those stay "
-        r"\(postgres_fdw has no two-phase commit\), and tbl_users shows them",
+        rf"sharding_demo.py: error: lost {re.escape(named(sharded.primary))} during the COMMIT \(.+\), but master-db "
+        r"says its transaction \d+ is 'aborted' \(pg_xact_status\); partly committed, as read on each shard: "
+        f"{re.escape(named(shard_one))} kept {kept['shard-one']:,} of this run's 100 users, "
+        f"{re.escape(named(shard_two))} kept 0 of this run's 100 users so far "
+        r"\(a transaction was still open there\); those stay \(postgres_fdw has no two-phase commit\), and tbl_users "
+        r"shows them",
         line,
     ), line
     assert len(ids_on(shard_one)) == before["shard-one"] + kept["shard-one"]
@@ -379,10 +386,10 @@ def test_an_interruption_while_the_shards_are_counted_says_the_outcome_is_unknow
         other.execute("ROLLBACK")
     assert demo.returncode == 143, stderr
     assert stderr.splitlines() == [
-        "sharding_demo.py: error: interrupted (SIGTERM) while the shards were counted: master-db refused the "
-        "COMMIT: refused at commit; as read on each shard: shard-one was not counted (interrupted), shard-two was "
-        "not counted (interrupted); whether any of them is kept is unknown: count the rows of tbl_users before "
-        "running again"
+        f"sharding_demo.py: error: interrupted (SIGTERM) while the shards were counted: {named(sharded.primary)} "
+        f"refused the COMMIT: refused at commit; as read on each shard: {named(shard_one)} was not counted "
+        f"(interrupted), {named(shard_of(sharded, 'shard-two'))} was not counted (interrupted); whether any of them "
+        "is kept is unknown: count the rows of tbl_users before running again"
     ]
     assert len(ids_on(shard_one)) > before  # shard-one did keep some: "nothing was written" would have been false
 
