@@ -178,6 +178,11 @@ def functions_outside_the_lesson(cluster: LocalCluster, *arguments: str) -> list
     return [(name, line) for name, line in called if line > lesson_end and not appendix_a < line < appendix_b]
 
 
+def named(node: PostgresNode) -> str:
+    """How the demo's messages name a server: "master-db (127.0.0.1:21000)"."""
+    return f"{node.name} (127.0.0.1:{node.port})"
+
+
 def count_on(node: PostgresNode, database: str = "postgres") -> int:
     with connect(node, dbname=database) as connection:
         return int(connection.execute("SELECT count(*) FROM tbl_users").fetchone()[0])  # type: ignore[index]

@@ -18,6 +18,7 @@ from conftest import (
     database_with,
     database_with_a_commit_trigger,
     logged_in_as,
+    named,
     run_demo,
     wait_until,
 )
@@ -262,7 +263,7 @@ def test_a_commit_that_the_primary_refuses_is_told_as_nothing_written(cluster: L
     assert result.returncode == 7, result.stderr
     assert_one_line_error(
         result.stderr,
-        f"master-db (127.0.0.1:{cluster.primary.port}) refused the COMMIT: no, at commit; the transaction was rolled "
-        "back: nothing was written",
+        f"{named(cluster.primary)} refused the COMMIT: no, at commit; the transaction was rolled back: nothing was "
+        "written",
     )
     assert counts_everywhere(cluster, settings["MASTER_DB_NAME"]) == [0, 0, 0]

@@ -39,6 +39,7 @@ from conftest import (
     database_with_a_commit_trigger,
     holding_a_lock,
     logged_in_as,
+    named,
     pause_replay,
     resume_replay,
     run_demo,
@@ -384,7 +385,7 @@ def test_a_commit_whose_answer_never_came_is_told_by_pg_xact_status() -> None:
         told = re.fullmatch(OUTCOME, line)
         assert told, line
         assert (told["what"], told["status"], told["rest"]) == (
-            f"interrupted (Ctrl-C) during the COMMIT on master-db (127.0.0.1:{cluster.primary.port})",
+            f"interrupted (Ctrl-C) during the COMMIT on {named(cluster.primary)}",
             "committed",
             committed,
         )
@@ -399,7 +400,7 @@ def test_a_commit_whose_answer_never_came_is_told_by_pg_xact_status() -> None:
         [line] = errors_of(stderr)
         told = re.fullmatch(OUTCOME, line)
         assert told, line
-        lost = f"lost master-db (127.0.0.1:{cluster.primary.port}) during the COMMIT ("
+        lost = f"lost {named(cluster.primary)} during the COMMIT ("
         assert told["what"].startswith(lost) and told["status"] == "committed"
         assert told["rest"] == committed
         assert count_on(cluster.primary) == 10
@@ -423,7 +424,7 @@ def test_a_commit_rolled_back_without_an_answer_is_told_as_nothing_written(clust
     told = re.fullmatch(OUTCOME, line)
     assert told, line
     assert (told["status"], told["rest"]) == ("aborted", "nothing was written")
-    primary = f"master-db (127.0.0.1:{cluster.primary.port})"
+    primary = named(cluster.primary)
     if how == "Ctrl-C":
         assert demo.returncode == 130 and told["what"] == f"interrupted (Ctrl-C) during the COMMIT on {primary}", stderr
     else:

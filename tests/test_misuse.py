@@ -21,6 +21,7 @@ from conftest import (
     count_on,
     counts_everywhere,
     database_with,
+    named,
     pause_replay,
     resume_replay,
     run_demo,
@@ -102,9 +103,7 @@ def test_primary_lost_during_the_copy_wrote_nothing(cluster: LocalCluster) -> No
     progress = [line for line in stderr.splitlines() if not line.startswith("sharding_demo.py: error: ")]
     assert all(" of 300,000 users" in line for line in progress), stderr  # and psycopg says nothing
     line = the_error("\n".join(line for line in stderr.splitlines() if line not in progress))
-    assert line.startswith(
-        f"sharding_demo.py: error: lost master-db (127.0.0.1:{cluster.primary.port}) during the insert: "
-    )
+    assert line.startswith(f"sharding_demo.py: error: lost {named(cluster.primary)} during the insert: ")
     assert line.endswith("nothing was written")
     assert counts_everywhere(cluster) == [before] * 3
 
@@ -134,8 +133,7 @@ def test_statement_timeout_cancels_the_copy_and_writes_nothing(cluster: LocalClu
         result = run_demo(cluster, "--users", "30000", env={"PGOPTIONS": "-c statement_timeout=500"})
     assert result.returncode == 7, result.stderr
     line = the_error(result.stderr)
-    primary = f"master-db (127.0.0.1:{cluster.primary.port})"
-    assert f"{primary} cancelled the insert (a statement_timeout, or a cancel request)" in line
+    assert f"{named(cluster.primary)} cancelled the insert (a statement_timeout, or a cancel request)" in line
     assert line.endswith("nothing was written")
     assert counts_everywhere(cluster) == [before] * 3
 
@@ -152,7 +150,7 @@ def test_a_not_null_column_the_demo_does_not_fill_refuses_the_insert(cluster: Lo
             primary.execute("ALTER TABLE tbl_users DROP COLUMN email")
     assert result.returncode == 7, result.stderr
     line = the_error(result.stderr)
-    assert f'master-db (127.0.0.1:{cluster.primary.port}) refused the insert: null value in column "email"' in line
+    assert f'{named(cluster.primary)} refused the insert: null value in column "email"' in line
     assert line.endswith("nothing was written")
     assert counts_everywhere(cluster) == [before] * 3
 
@@ -524,7 +522,7 @@ def test_a_cancelled_orm_insert_is_named_as_such_not_as_a_lost_primary(cluster: 
     result = run_demo(cluster, env=settings | {"PGOPTIONS": "-c statement_timeout=300"})
     assert result.returncode == 7, result.stderr
     line = the_error(result.stderr)
-    assert f"master-db (127.0.0.1:{cluster.primary.port}) cancelled the insert" in line
+    assert f"{named(cluster.primary)} cancelled the insert" in line
     assert line.endswith("nothing was written")
     assert count_on(cluster.primary, "slow_inserts") == 0
 

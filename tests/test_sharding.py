@@ -30,6 +30,7 @@ from conftest import (
     functions_outside_the_lesson,
     holding_a_lock,
     logged_in_as,
+    named,
     run_demo,
     start_demo,
     wait_until,
@@ -67,11 +68,6 @@ def ids_on(node: PostgresNode) -> dict[str, str]:
 
 def shard_of(sharded: LocalCluster, name: str) -> PostgresNode:
     return next(node for node in sharded.shards if node.name == name)
-
-
-def named(node: PostgresNode) -> str:
-    """How the demo's messages name a server: "shard-one (127.0.0.1:5435)"."""
-    return f"{node.name} (127.0.0.1:{node.port})"
 
 
 def only_the_lock_holder_is_left(node: PostgresNode, holder: int) -> bool:
