@@ -1481,16 +1481,16 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None, r
 
 def shard_unseen(shard: Server, names: list[str], asked: str, primary: Server, error: BaseException) -> DemoError:
     """master-db could not say who the shard is: it cannot log in there, say, or its layout is older than the view."""
-    what = f"{shard}, which stores {', '.join(names)} for master-db, could not be asked who it is through master-db"
+    what = f"{primary} could not say who stores {', '.join(names)} for it, to compare with {shard}"
     shard_said_it = from_a_shard(error)  # the shard's answer to master-db (its view gone, say), passed on
     if sqlstate(error) == "42P01" and not shard_said_it:  # undefined_table, on master-db itself
-        what += f" (master-db has no {asked}: an older init-shard.sh made this layout; make it afresh with "
+        what += f": it has no {asked} (an older init-shard.sh made this layout; make it afresh with "
         what += "docker compose --profile sharded down -v, then up)"
     elif sqlstate(error) == PERMISSION_DENIED and not shard_said_it:  # refused to the demo's own user
         user, fix = primary.settings.user, to_check(primary.settings, "user")
-        what += f": user {user} may not read {asked} there (the check needs SELECT on it): {fix}"
+        what += f": user {user} may not read its {asked} (the check needs SELECT on it): {fix}"
     elif primary.service in primary.watchdog.gave_up_on:  # it waited on the shard, for a lock say
-        what += f": {primary.service} {cause(primary, error)}"
+        what += f": it {cause(primary, error)}"
     else:
         what += f": {one_line(error)}"
         if shard_said_it:

@@ -475,10 +475,10 @@ def test_a_coordinator_that_cannot_log_in_to_a_shard_is_found_before_the_write(s
         set_the_coordinator_s_password(COORDINATOR_PASSWORD)
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
-        'for master-db, could not be asked who it is through master-db: could not connect to server "shard_two" '
-        f'(connection to server at "127.0.0.1", port {shard_two.port} failed: FATAL:  password authentication '
-        'failed for user "coordinator"); nothing was written on any shard'
+        f"sharding_demo.py: error: {named(sharded.primary)} could not say who stores tbl_users_p1, tbl_users_p3 for "
+        f'it, to compare with {named(shard_two)}: could not connect to server "shard_two" (connection to server at '
+        f'"127.0.0.1", port {shard_two.port} failed: FATAL:  password authentication failed for user "coordinator"); '
+        "nothing was written on any shard"
     ]
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
@@ -566,10 +566,10 @@ def test_a_layout_made_before_the_shards_could_be_asked_who_they_are_says_to_mak
         sharded.primary.execute("ALTER FOREIGN TABLE shard_one_identity_hidden RENAME TO shard_one_identity")
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_of(sharded, 'shard-one').port}), which stores "
-        "tbl_users_p0, tbl_users_p2 for master-db, could not be asked who it is through master-db (master-db has no "
-        "shard_one_identity: an older init-shard.sh made this layout; make it afresh with docker compose --profile "
-        "sharded down -v, then up); nothing was written on any shard"
+        f"sharding_demo.py: error: {named(sharded.primary)} could not say who stores tbl_users_p0, tbl_users_p2 for "
+        f"it, to compare with {named(shard_of(sharded, 'shard-one'))}: it has no shard_one_identity (an older "
+        "init-shard.sh made this layout; make it afresh with docker compose --profile sharded down -v, then up); "
+        "nothing was written on any shard"
     ]
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
@@ -588,9 +588,9 @@ def test_a_shard_that_keeps_master_db_s_question_waiting_is_cut_off_at_the_stall
         assert wait_until(lambda: only_the_lock_holder_is_left(shard_two, blocker), timeout=10)
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
-        "for master-db, could not be asked who it is through master-db: master-db did not answer for 2 s "
-        "(DEMO_STALL_TIMEOUT); nothing was written on any shard"
+        f"sharding_demo.py: error: {named(sharded.primary)} could not say who stores tbl_users_p1, tbl_users_p3 for "
+        f"it, to compare with {named(shard_two)}: it did not answer for 2 s (DEMO_STALL_TIMEOUT); nothing was written "
+        "on any shard"
     ]
     assert elapsed < 2 + 5  # the bound, and the demo's start-up and checks
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
@@ -608,10 +608,9 @@ def test_a_primary_user_that_may_not_read_a_shard_s_identity_is_told_the_grant_i
     result = run_demo(sharded, env=logged_in_as("app", "x"))
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_of(sharded, 'shard-one').port}), which stores "
-        "tbl_users_p0, tbl_users_p2 for master-db, could not be asked who it is through master-db: user app may not "
-        "read shard_one_identity there (the check needs SELECT on it): check MASTER_DB_USER; nothing was written on "
-        "any shard"
+        f"sharding_demo.py: error: {named(sharded.primary)} could not say who stores tbl_users_p0, tbl_users_p2 for "
+        f"it, to compare with {named(shard_of(sharded, 'shard-one'))}: user app may not read its shard_one_identity "
+        "(the check needs SELECT on it): check MASTER_DB_USER; nothing was written on any shard"
     ]
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
     # With that grant, the role runs the whole demo.
@@ -638,9 +637,9 @@ def test_a_shard_without_its_identity_view_is_told_as_the_shard_s_answer(sharded
         shard_two.execute("ALTER VIEW shard_identity_hidden RENAME TO shard_identity")
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, tbl_users_p3 "
-        'for master-db, could not be asked who it is through master-db: relation "public.shard_identity" does not '
-        "exist (the shard's answer, which postgres_fdw passed on); nothing was written on any shard"
+        f"sharding_demo.py: error: {named(sharded.primary)} could not say who stores tbl_users_p1, tbl_users_p3 for "
+        f'it, to compare with {named(shard_two)}: relation "public.shard_identity" does not exist (the shard'
+        "'s answer, which postgres_fdw passed on); nothing was written on any shard"
     ]
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
