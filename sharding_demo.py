@@ -745,6 +745,11 @@ def render_text(report: Report) -> str:
     def stored(partition: Partition) -> str:
         return f" on {partition.shard}" if partition.shard else ""
 
+    def more(count: int, listed: int) -> list[str]:  # the line below a list that --show cut short
+        if count <= listed:
+            return []
+        return [f"  ... and {count - listed:,} more" if listed else "  none listed (--show 0)"]
+
     waits = [f"  {name}: caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()]
     if report.skipped:  # replicas left out: by the wait, told here, and during the reads, at the end (appendix D)
         waits += left_out_by_the_wait(report)
@@ -767,7 +772,7 @@ def render_text(report: Report) -> str:
         user_id = uuid.UUID(bytes=written.ids[number])
         lines.append(f"  {user_name(number):<12} {user_id}  {predicted.name}{stored(predicted)} -> {found}  {verdict}")
     if written.users > report.show:
-        lines += [f"  ... and {written.users - report.show:,} more", *landing_table(report)]  # appendix B
+        lines += [*more(written.users, report.show), *landing_table(report)]  # appendix B
     if report.on_shards:
         lines += ["", "Read on each shard itself (not through master-db): this run's users it stores, by partition:"]
         for shard, held in report.on_shards.items():
@@ -796,7 +801,7 @@ def render_text(report: Report) -> str:
         lines += ["", f"Partition {partition.name}: {count:,} record{'' if count == 1 else 's'}{stored(partition)}"]
         lines.append(f"  {partition.bound}; read from {where(answer.server)}")
         lines += [f"  - {first_name} (ID: {user_id})" for user_id, first_name in rows]
-        lines += [f"  ... and {count - len(rows):,} more"] if count > len(rows) else []
+        lines += more(count, len(rows))
 
     first = report.first_user.value
     if first is not None:

@@ -297,6 +297,21 @@ def test_a_first_user_whose_id_is_not_a_uuidv7_is_not_given_a_time(cluster: Loca
     assert "the oldest user" not in text and "decoded from the UUIDv7" not in text
 
 
+def test_show_0_lists_no_rows_and_says_so(run_in_process) -> None:  # type: ignore[no-untyped-def]
+    # --show 0 (or DEMO_SHOW=0) keeps the report to its counts: no "... and 5 more" below a list of nothing.
+    report = run_in_process(show=0)
+    lines = sharding_demo.render_text(report).splitlines()
+    assert not any(re.match(r"  (- |\w+ +[0-9a-f-]{36} )", line) for line in lines)  # no user, no row listed
+    assert not any("more" in line for line in lines)
+    for number, partition in enumerate(report.primary.partitions):
+        count = report.contents[number].value[0]
+        header = lines.index(f"Partition {partition.name}: {count:,} record{'' if count == 1 else 's'}")
+        assert lines[header + 2 : header + 3] == (["  none listed (--show 0)"] if count else [])
+    new_users = lines.index("  none listed (--show 0)")
+    assert lines[new_users - 1].startswith("(tableoid, read from replica-")
+    assert "This run's 5 users by partition:" in lines  # the counts still say where they landed
+
+
 def test_the_default_run_executes_only_the_lesson_and_the_hash_appendix(cluster: LocalCluster) -> None:
     # The file's promise to a reader: following the default run, you never leave the lesson, except for
     # appendix A. Error handling, the bulk path, JSON and the flags run only when their case arises.
