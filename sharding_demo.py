@@ -1737,14 +1737,14 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
         pass
     if standbys is not None:
         waits = (
-            f"{primary} wrote the COMMIT of transaction {xid}, and still waits for a synchronous standby "
+            f"wrote the COMMIT of transaction {xid}, and still waits for a synchronous standby "
             f"(synchronous_standby_names = '{standbys}') to confirm it: the {written.users:,} users are committed "
             "there, and other sessions see them once a standby confirms or the wait is cancelled; do not run again "
             "to retry them"
         )
         if exit_code is None:  # the connection was cut off (by the watchdog, say): master-db did not stop, it waits
-            return DemoError(waits, ExitCode.AFTER_COMMIT)
-        return DemoError(f"{what}; {waits}", exit_code)
+            return DemoError(f"{primary} {waits}", ExitCode.AFTER_COMMIT)
+        return DemoError(f"{what}; {primary.service} {waits}", exit_code)  # `what` gave its address already
     sharded = bool(watched_shards(primary.watchdog))
     said = f"{primary.service} says its transaction {xid} is '{status}' (pg_xact_status)"
     if status == "committed":
