@@ -786,14 +786,19 @@ def render_text(report: Report) -> str:
     def reads(tables: list[str]) -> str:  # "public.tbl_users_p0 on shard-one": which shards a query reaches
         return ", ".join(name + stored(partition_named[name]) for name in tables)
 
+    # This run's users that the reads found: all of them, unless a rule (DO INSTEAD NOTHING), a row-level security
+    # policy or another session's DELETE kept some out of sight.
+    found, users = sum(report.landing.value[0].values()), written.users
+    ours = f"this run's {users:,} included"
+    if found != users:
+        ours = f"but only {found:,} of this run's {users:,} (the reads did not find the others)"
     lines += [
         "",
         f"Partition pruning, in the server's own plans (EXPLAIN, on {report.pruning.server.service}):",
         f"  WHERE id = <{user_name(0)}'s id> reads {reads(by_id)}",
         f"  WHERE first_name = '{user_name(0)}' reads {reads(by_name)}",
         "",
-        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every run's, this run's "
-        f"{written.users:,} included.",
+        f"The table now holds {sum(answer.value[0] for answer in report.contents):,} users: every run's, {ours}.",
         "(To start afresh: TRUNCATE tbl_users on the primary.)",
     ]
     for partition, answer in zip(report.primary.partitions, report.contents, strict=True):

@@ -297,6 +297,32 @@ def test_a_first_user_whose_id_is_not_a_uuidv7_is_not_given_a_time(cluster: Loca
     assert "the oldest user" not in text and "decoded from the UUIDv7" not in text
 
 
+def test_users_that_the_reads_do_not_find_are_not_told_as_in_the_table(cluster: LocalCluster, run_in_process) -> None:  # type: ignore[no-untyped-def]
+    # A rule that drops one user's INSERT: the COMMIT succeeds, and Bob is stored nowhere. The report must not say
+    # that this run's 5 users are among the table's.
+    settings = database_with(
+        cluster,
+        "without_bob",
+        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
+        *(
+            f"CREATE TABLE tbl_users_p{n} PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER {n})"
+            for n in range(4)
+        ),
+        "CREATE RULE no_bob AS ON INSERT TO tbl_users WHERE NEW.first_name = 'Bob' DO INSTEAD NOTHING",
+    )
+    report = run_in_process(env=settings)
+    lines = sharding_demo.render_text(report).splitlines()
+    with connect(cluster.primary, dbname="without_bob") as primary:
+        stored = [name for (name,) in primary.execute("SELECT first_name FROM tbl_users ORDER BY id")]
+    assert stored == ["John", "Jane", "Alice", "Charlie"]
+    users = {line.split()[0]: line for line in lines if re.match(r"  \w+ +[0-9a-f-]{36} ", line)}
+    assert list(users) == ["John", "Jane", "Bob", "Alice", "Charlie"]
+    assert users["Bob"].endswith(" -> not found  MISMATCH")
+    assert all(line.endswith("  ok") for name, line in users.items() if name != "Bob")
+    total = "The table now holds 4 users: every run's, but only 4 of this run's 5 (the reads did not find the others)."
+    assert total in lines
+
+
 def test_show_0_lists_no_rows_and_says_so(run_in_process) -> None:  # type: ignore[no-untyped-def]
     # --show 0 (or DEMO_SHOW=0) keeps the report to its counts: no "... and 5 more" below a list of nothing.
     report = run_in_process(show=0)
