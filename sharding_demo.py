@@ -759,8 +759,9 @@ def render_text(report: Report) -> str:
         "whose hash(id) mod m = r." + (" Its partitions are foreign tables on the shards." if report.on_shards else ""),
         "",
         f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
-        f"Committed at WAL position {written.commit_lsn}. COMMIT returns before the replicas have replayed it,",
-        "so the demo waits for them, and then reads from those that did (read-your-writes):",
+        # (Unless synchronous_commit = remote_apply and synchronous_standby_names say so: docs/read-your-writes.md.)
+        f"Committed at WAL position {written.commit_lsn}. By default COMMIT does not wait for the replicas",
+        "to replay it, so the demo waits for them, and then reads from those that did (read-your-writes):",
         *sorted(waits),
         "",
         "Each new user: the partition predicted in Python before the insert -> where the server put it",
