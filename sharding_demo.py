@@ -200,7 +200,7 @@ def run(settings: DemoSettings) -> Report:
                 models = [User(first_name=user_name(number)) for number in range(settings.users)]
                 ids = [model.id.bytes for model in models]
                 predicted = Counter(predict_partition(id_bytes, facts.partitions).oid for id_bytes in ids)
-                written = commit(primary, ids, predicted, "ORM", lambda session: session.add_all(models))
+                written = commit(primary, ids, predicted, "ORM", lambda session: session.add_all(models), bool(shards))
             else:  # the ORM is the path to read, and the wrong one for a million rows: appendix B
                 written = insert_many_users(primary, settings.users, facts.partitions)
         except CommitRefused as refused:  # with shards, some may have committed: appendix D counts
@@ -561,9 +561,20 @@ COMMIT_WRITTEN = text(
     "SELECT set_config('synchronous_commit', 'local', true) WHERE current_setting('synchronous_commit') = 'off'"
 )
 
+# Nor does it when the transaction wrote no WAL of its own: PostgreSQL then leaves its COMMIT record to the WAL writer
+# too, whatever synchronous_commit says (RecordTransactionCommit, in src/backend/access/transam/xact.c). On the
+# sharded layout that is master-db's transaction: its INSERTs go to the shards. A message in the WAL, which logical
+# decoding would pass on and a replica replays as a no-op, is WAL of its own: COMMIT then writes its record first.
+WAL_OF_ITS_OWN = text("SELECT pg_logical_emit_message(true, 'sharding_demo', 'users sent to the shards')")
+
 
 def commit(
-    primary: Server, ids: Sequence[bytes], predicted: Counter[int], method: str, write: Callable[[Session], None]
+    primary: Server,
+    ids: Sequence[bytes],
+    predicted: Counter[int],
+    method: str,
+    write: Callable[[Session], None],
+    sharded: bool,
 ) -> Written:
     """Run `write` in one transaction on the primary, commit, and note where the commit is in the
     WAL. Until the COMMIT a failure rolls everything back; after it the users are in the table; a
@@ -574,6 +585,8 @@ def commit(
         try:
             session.begin()
             session.execute(COMMIT_WRITTEN)
+            if sharded:
+                session.execute(WAL_OF_ITS_OWN)
             # The transaction's id. If no answer to the COMMIT comes back, a new connection can ask the
             # primary, with pg_xact_status(), whether it committed (appendix D).
             xid = session.scalar(text("SELECT CAST(pg_current_xact_id() AS text)"))
@@ -1035,7 +1048,7 @@ def insert_many_users(primary: Server, count: int, partitions: Sequence[Partitio
                 primary.watchdog.last_progress = time.monotonic()  # a load that moves is not a server that stopped
                 loaded(last)
 
-    return commit(primary, ids, predicted, "COPY", copy_rows)
+    return commit(primary, ids, predicted, "COPY", copy_rows, any(partition.shard for partition in partitions))
 
 
 def where_many_users_landed(session: Session, ids: Sequence[bytes], show: int) -> tuple[Counter[int], dict[int, int]]:

@@ -199,6 +199,33 @@ def test_the_text_report_says_where_each_partition_is_stored(sharded: LocalClust
     assert result.stderr == ""
 
 
+def test_the_replicas_have_replayed_master_db_s_commit_before_the_reads(sharded: LocalCluster) -> None:
+    # On this layout master-db's transaction writes no WAL of its own (its INSERTs go to the shards), and PostgreSQL
+    # leaves the COMMIT record of such a transaction to the WAL writer. With that process stopped, the record would
+    # stay unwritten: the demo would read a commit position before it, and find the replicas "caught up" without it.
+    [[walwriter]] = sharded.primary.query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'")
+    [[last]] = sharded.primary.query("SELECT pg_current_xact_id()")
+    demo_s = str(int(str(last)) + 1)  # the demo's transaction takes the next xid: nothing else here takes one
+
+    def status(node: PostgresNode) -> str:  # what the node knows of the demo's transaction
+        try:
+            [[known]] = node.query("SELECT pg_xact_status(CAST(%s AS xid8))", [demo_s])
+        except psycopg.Error as error:  # a standby that has not replayed its commit: "... is in the future"
+            return str(error).splitlines()[0]
+        return str(known)
+
+    os.kill(int(str(walwriter)), signal.SIGSTOP)
+    try:
+        result = run_demo(sharded, "--json")
+        statuses = {node.name: status(node) for node in [sharded.primary, *sharded.replicas]}
+    finally:
+        os.kill(int(str(walwriter)), signal.SIGCONT)
+    assert result.returncode == 0, result.stderr
+    assert statuses == {"master-db": "committed", "replica-one": "committed", "replica-two": "committed"}
+    caught_up = {entry["replica"] for entry in json.loads(result.stdout)["catchup"]}
+    assert caught_up == {"replica-one", "replica-two"}
+
+
 def test_no_password_appears_in_any_log(sharded: LocalCluster) -> None:
     run_demo(sharded)
     for node in sharded.nodes:
