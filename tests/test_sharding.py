@@ -226,6 +226,26 @@ def test_the_replicas_have_replayed_master_db_s_commit_before_the_reads(sharded:
     assert caught_up == {"replica-one", "replica-two"}
 
 
+def test_a_synchronous_standby_that_never_confirms_does_not_hold_up_a_sharded_commit(sharded: LocalCluster) -> None:
+    # master-db's standbys hold none of the rows, which the shards commit before master-db does, and PostgreSQL has
+    # such a COMMIT wait for no standby. Making it write its commit record (above) must not change that: with
+    # synchronous_standby_names naming a standby that does not exist, the run still ends, with the users stored.
+    before = sum(len(ids_on(shard)) for shard in sharded.shards)
+
+    def set_standby_names(statement: str, expected: str) -> None:
+        sharded.primary.execute(statement)
+        sharded.primary.execute("SELECT pg_reload_conf()")
+        assert wait_until(lambda: sharded.primary.query("SHOW synchronous_standby_names") == [(expected,)])
+
+    set_standby_names("ALTER SYSTEM SET synchronous_standby_names = 'nobody'", "nobody")
+    try:
+        result = run_demo(sharded, env={"DEMO_STALL_TIMEOUT": "2"})
+    finally:
+        set_standby_names("ALTER SYSTEM RESET synchronous_standby_names", "")
+    assert result.returncode == 0, result.stderr
+    assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
+
+
 def test_no_password_appears_in_any_log(sharded: LocalCluster) -> None:
     run_demo(sharded)
     for node in sharded.nodes:
