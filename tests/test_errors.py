@@ -108,7 +108,7 @@ def test_a_tbl_users_that_the_name_does_not_find_is_told_with_where_it_looked(cl
         assert result.returncode == 5, result.stderr
         assert_one_line_error(
             result.stderr,
-            f"master-db (127.0.0.1:{cluster.primary.port}) has no table tbl_users that user {user} finds by name in "
+            f"{named(cluster.primary)} has no table tbl_users that user {user} finds by name in "
             f"database {database} (on its search_path, in a schema it may use); init-master.sql makes it in public, "
             "in database postgres: check MASTER_DB_PORT and MASTER_DB_NAME",
         )
@@ -122,8 +122,7 @@ def test_a_database_that_does_not_exist_names_the_setting(cluster: LocalCluster)
     result = run_demo(cluster, env={"MASTER_DB_NAME": "no_such_db"})
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) has no database no_such_db: "
-        "check MASTER_DB_NAME"
+        f"sharding_demo.py: error: {named(cluster.primary)} has no database no_such_db: check MASTER_DB_NAME"
     ]
     result = run_demo(cluster, "--json", env={"REPLICA_ONE_NAME": "no_such_db"})
     assert result.returncode == 0, result.stderr
@@ -158,7 +157,7 @@ def test_a_primary_that_answers_the_checks_with_an_error_is_not_called_unreachab
     assert result.returncode == 7, result.stderr
     assert_one_line_error(
         result.stderr,
-        f"master-db (127.0.0.1:{cluster.primary.port}) answered the demo's checks with an error: permission denied "
+        f"{named(cluster.primary)} answered the demo's checks with an error: permission denied "
         "for function pg_control_system; nothing was written",
     )
 

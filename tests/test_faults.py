@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DEMO, clean_environment, connect, pause_replay, run_demo, wait_until
+from conftest import DEMO, clean_environment, connect, named, pause_replay, run_demo, wait_until
 from local_cluster import LocalCluster, PostgresNode, free_port_base
 
 # Every test here breaks the shared cluster on purpose; put it back after each one.
@@ -147,9 +147,7 @@ def test_primary_stopped_is_one_clear_error(cluster: LocalCluster) -> None:
     assert result.returncode == 3
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(
-        f"sharding_demo.py: error: cannot connect to master-db (127.0.0.1:{cluster.primary.port})"
-    )
+    assert lines[0].startswith(f"sharding_demo.py: error: cannot connect to {named(cluster.primary)}")
 
 
 def truncate_users(cluster: LocalCluster) -> None:
@@ -206,7 +204,7 @@ def test_text_report_names_a_stopped_replica_once(cluster: LocalCluster) -> None
     result = run_demo(cluster)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # the text report says it; no second copy on stderr
-    assert f"  {stopped.name} (127.0.0.1:{stopped.port}): unreachable: " in result.stdout
+    assert f"  {named(stopped)}: unreachable: " in result.stdout
     assert result.stdout.count(f"port {stopped.port} failed") == 1
 
 

@@ -249,7 +249,7 @@ def test_the_primary_stopped_during_the_copy_wrote_nothing(cluster: LocalCluster
     assert demo.returncode == 3, stderr
     [line] = errors_of(stderr)
     assert line == (
-        f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) "
+        f"sharding_demo.py: error: {named(cluster.primary)} "
         f"did not answer for {STALL} s (DEMO_STALL_TIMEOUT) during the insert; nothing was written"
     )
     assert seconds < float(STALL) + 3, seconds
@@ -276,7 +276,7 @@ def test_a_primary_that_waits_for_a_lock_is_told_as_not_answering_and_its_statem
         assert result.returncode == 3, result.stderr
         [line] = errors_of(result.stderr)
         assert line == (
-            f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) did not answer for {STALL} s "
+            f"sharding_demo.py: error: {named(cluster.primary)} did not answer for {STALL} s "
             f"(DEMO_STALL_TIMEOUT) during {stage}; nothing was written"
         )
         assert the_demo_s_sessions_end(cluster.primary)
@@ -294,7 +294,7 @@ def test_a_primary_still_running_the_insert_ends_it_when_the_demo_gives_up(clust
         assert result.returncode == 3, result.stderr
         [line] = errors_of(result.stderr)
         assert line == (
-            f"sharding_demo.py: error: master-db (127.0.0.1:{cluster.primary.port}) did not answer for {STALL} s "
+            f"sharding_demo.py: error: {named(cluster.primary)} did not answer for {STALL} s "
             "(DEMO_STALL_TIMEOUT) during the insert; nothing was written"
         )
         assert seconds < float(STALL) + 5, seconds
@@ -325,7 +325,7 @@ def test_a_commit_that_waits_for_a_synchronous_standby_is_told_as_committed() ->
         assert result.returncode == 6, result.stderr
         [line] = errors_of(result.stderr)
         assert re.fullmatch(
-            rf"sharding_demo.py: error: master-db \(127.0.0.1:{cluster.primary.port}\) wrote the COMMIT of transaction "
+            rf"sharding_demo.py: error: {re.escape(named(cluster.primary))} wrote the COMMIT of transaction "
             r"\d+, and still waits for a synchronous standby \(synchronous_standby_names = '\*'\) to confirm it: the 5 "
             "users are committed there, and other sessions see them once a standby confirms or the wait is "
             "cancelled; do not run again to retry them",

@@ -80,8 +80,7 @@ def test_primary_lost_after_the_commit_says_what_was_committed(cluster: LocalClu
     line = the_error(stderr)
     # the replicas, still behind at the deadline, were left out: the read that failed was the primary's
     assert line.startswith(
-        "sharding_demo.py: error: failed after the commit: "
-        f"a read from master-db (127.0.0.1:{cluster.primary.port}) failed: "
+        f"sharding_demo.py: error: failed after the commit: a read from {named(cluster.primary)} failed: "
     )
     assert "5 users were committed on master-db (commit LSN " in line
     assert "do not run again" in line

@@ -459,7 +459,7 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
     assert result.returncode == 9, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith(
-        f"sharding_demo.py: error: shard-two (127.0.0.1:{shard_two.port}), which stores tbl_users_p1, "
+        f"sharding_demo.py: error: {named(shard_two)}, which stores tbl_users_p1, "
         "tbl_users_p3 "
         "for master-db, unreachable: "
     )
@@ -477,7 +477,7 @@ def test_a_shard_that_keeps_the_checks_waiting_for_a_lock_is_named(sharded: Loca
     assert result.returncode == 9, result.stderr
     [line] = result.stderr.splitlines()
     assert line == (
-        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}), which stores tbl_users_p0, tbl_users_p2 "
+        f"sharding_demo.py: error: {named(shard_one)}, which stores tbl_users_p0, tbl_users_p2 "
         "for master-db, did not answer for 2 s (DEMO_STALL_TIMEOUT); nothing was written on any shard"
     )
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
@@ -495,7 +495,7 @@ def test_a_lock_on_a_shard_that_keeps_the_insert_waiting_is_told_from_the_coordi
     assert result.returncode == 3, result.stderr
     [line] = result.stderr.splitlines()
     assert line == (
-        f"sharding_demo.py: error: master-db (127.0.0.1:{sharded.primary.port}) did not answer for 2 s "
+        f"sharding_demo.py: error: {named(sharded.primary)} did not answer for 2 s "
         "(DEMO_STALL_TIMEOUT) during the insert; nothing was written"
     )
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
@@ -719,7 +719,7 @@ def test_a_shard_database_without_tbl_users_is_told_as_not_holding_the_partition
     result = run_demo(sharded, env={"SHARD_ONE_NAME": "no_shard_tables"})
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}) does not hold tbl_users_p0, tbl_users_p2 "
+        f"sharding_demo.py: error: {named(shard_one)} does not hold tbl_users_p0, tbl_users_p2 "
         "as tables of its own, bound as on master-db: check SHARD_ONE_HOST, SHARD_ONE_PORT and SHARD_ONE_NAME; "
         "nothing was written on any shard"
     ]
@@ -733,7 +733,7 @@ def test_a_shard_user_that_may_not_read_its_tbl_users_is_refused_before_the_writ
     result = run_demo(sharded, env={"SHARD_ONE_USER": "coordinator", "SHARD_ONE_PASSWORD": COORDINATOR_PASSWORD})
     assert result.returncode == 9, result.stderr
     assert result.stderr.splitlines() == [
-        f"sharding_demo.py: error: shard-one (127.0.0.1:{shard_one.port}) stores tbl_users_p0, tbl_users_p2 for "
+        f"sharding_demo.py: error: {named(shard_one)} stores tbl_users_p0, tbl_users_p2 for "
         "master-db, but user coordinator may not read its tbl_users (SELECT), which the demo reads to prove where "
         "each row is: check SHARD_ONE_USER; nothing was written on any shard"
     ]
@@ -823,7 +823,7 @@ def test_a_shard_that_stops_during_the_reads_is_named_not_the_servers_that_wait_
 
     assert failure.value.exit_code == 6
     assert str(failure.value).startswith(
-        f"failed after the commit: shard-two (127.0.0.1:{shard_two.port}) did not answer for 2 s "
+        f"failed after the commit: {named(shard_two)} did not answer for 2 s "
         "(DEMO_STALL_TIMEOUT), and the reads need it; 5 users were committed on master-db"
     )
     assert seconds < 10, seconds  # a replica's cut-off, then one question to each shard, each within the bound
@@ -854,9 +854,9 @@ def test_a_shard_that_shuts_down_before_the_demo_reads_it_directly_is_named(
         shard_one.start()
 
     assert failure.value.exit_code == 6
-    assert str(failure.value).startswith(
-        f"failed after the commit: a read from shard-one (127.0.0.1:{shard_one.port}) failed: "
-    ), failure.value
+    assert str(failure.value).startswith(f"failed after the commit: a read from {named(shard_one)} failed: "), (
+        failure.value
+    )
     assert "; 5 users were committed on master-db" in str(failure.value)
     assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
 
@@ -882,7 +882,7 @@ def test_a_shard_that_stops_during_the_insert_is_named_and_nothing_is_written(
 
     assert failure.value.exit_code == 9
     assert str(failure.value) == (
-        f"shard-two (127.0.0.1:{shard_two.port}) did not answer for 2 s (DEMO_STALL_TIMEOUT) during the insert "
+        f"{named(shard_two)} did not answer for 2 s (DEMO_STALL_TIMEOUT) during the insert "
         "(master-db was waiting on it); nothing was written"
     )
     # master-db finishes the insert once shard-two answers again, finds the demo gone, and rolls it all back.
