@@ -283,6 +283,25 @@ def test_a_primary_that_waits_for_a_lock_is_told_as_not_answering_and_its_statem
     assert counts_everywhere(cluster) == [before] * 3
 
 
+def test_a_primary_that_ends_the_demo_s_session_during_the_checks_is_told_as_lost(cluster: LocalCluster) -> None:
+    # The demo got in, and its checks wait for a lock; then the server ends its session (pg_terminate_backend(), as a
+    # learner in psql might). That is the primary lost during the checks, not one the demo "cannot connect to".
+    before = counts_everywhere(cluster)[0]
+    waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = 'sharding_demo' AND wait_event_type = 'Lock'"
+    with holding_a_lock(cluster.primary, "LOCK TABLE tbl_users IN ACCESS EXCLUSIVE MODE"):
+        demo = start_demo(cluster, env={"DEMO_STALL_TIMEOUT": "60"})
+        assert wait_until(lambda: cluster.primary.query(waiting) != [], timeout=10)
+        [[pid]] = cluster.primary.query(waiting)
+        cluster.primary.query("SELECT pg_terminate_backend(%s)", [pid])
+        _, stderr = demo.communicate(timeout=30)
+    assert demo.returncode == 3, stderr
+    assert errors_of(stderr) == [
+        f"sharding_demo.py: error: lost {named(cluster.primary)} during the checks: terminating connection due to "
+        "administrator command; nothing was written"
+    ]
+    assert counts_everywhere(cluster) == [before] * 3
+
+
 def test_a_primary_still_running_the_insert_ends_it_when_the_demo_gives_up(cluster: LocalCluster) -> None:
     # A trigger that a learner added, and that takes its time: the demo gives up at the stall bound, and the server,
     # which checks every second that its client is still there, ends the statement (not the trigger's 60 s later).
