@@ -277,18 +277,25 @@ def test_the_lesson_s_ids_come_from_uuid6_and_carry_the_time(run_in_process) -> 
     assert times[-1] - times[0] <= timedelta(milliseconds=10)
 
 
-def test_a_first_user_whose_id_is_not_a_uuidv7_is_not_given_a_time(cluster: LocalCluster, run_in_process) -> None:  # type: ignore[no-untyped-def]
-    # A row written some other way (gen_random_uuid(), say) can hold the smallest id: it is no time, and not the
-    # oldest user. A database of its own, so the shared table's first user stays the demo's.
-    settings = database_with(
+def database_with_tbl_users(cluster: LocalCluster, name: str, *statements: str) -> dict[str, str]:
+    """A fresh database with a tbl_users as init-master.sql makes it (four hash partitions), then `statements`."""
+    return database_with(
         cluster,
-        "hand_written",
+        name,
         "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
         *(
             f"CREATE TABLE tbl_users_p{n} PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER {n})"
             for n in range(4)
         ),
-        "INSERT INTO tbl_users VALUES ('00000000-0000-4000-8000-000000000000', 'Hand')",
+        *statements,
+    )
+
+
+def test_a_first_user_whose_id_is_not_a_uuidv7_is_not_given_a_time(cluster: LocalCluster, run_in_process) -> None:  # type: ignore[no-untyped-def]
+    # A row written some other way (gen_random_uuid(), say) can hold the smallest id: it is no time, and not the
+    # oldest user. A database of its own, so the shared table's first user stays the demo's.
+    settings = database_with_tbl_users(
+        cluster, "hand_written", "INSERT INTO tbl_users VALUES ('00000000-0000-4000-8000-000000000000', 'Hand')"
     )
     report = run_in_process(env=settings)
     assert report.first_user.value.first_name == "Hand"
@@ -300,16 +307,8 @@ def test_a_first_user_whose_id_is_not_a_uuidv7_is_not_given_a_time(cluster: Loca
 def test_users_that_the_reads_do_not_find_are_not_told_as_in_the_table(cluster: LocalCluster, run_in_process) -> None:  # type: ignore[no-untyped-def]
     # A rule that drops one user's INSERT: the COMMIT succeeds, and Bob is stored nowhere. The report must not say
     # that this run's 5 users are among the table's.
-    settings = database_with(
-        cluster,
-        "without_bob",
-        "CREATE TABLE tbl_users (id uuid PRIMARY KEY, first_name varchar(255)) PARTITION BY HASH (id)",
-        *(
-            f"CREATE TABLE tbl_users_p{n} PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER {n})"
-            for n in range(4)
-        ),
-        "CREATE RULE no_bob AS ON INSERT TO tbl_users WHERE NEW.first_name = 'Bob' DO INSTEAD NOTHING",
-    )
+    no_bob = "CREATE RULE no_bob AS ON INSERT TO tbl_users WHERE NEW.first_name = 'Bob' DO INSTEAD NOTHING"
+    settings = database_with_tbl_users(cluster, "without_bob", no_bob)
     report = run_in_process(env=settings)
     lines = sharding_demo.render_text(report).splitlines()
     with connect(cluster.primary, dbname="without_bob") as primary:
