@@ -770,13 +770,18 @@ def render_text(report: Report) -> str:
             return []
         return [f"  ... and {count - listed:,} more" if listed else "  none listed (--show 0)"]
 
+    # Which partitions the shards store: all of them on the sharded layout, some during a move (docs/sharding.md).
+    foreign = [partition.name for partition in report.primary.partitions if partition.shard]
+    stored_where = f" {', '.join(foreign)}: foreign tables on the shards." if foreign else ""
+    if foreign and len(foreign) == len(report.primary.partitions):
+        stored_where = " Its partitions are foreign tables on the shards."
     waits = [f"  {name}: caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()]
     if report.skipped:  # replicas left out: by the wait, told here, and during the reads, at the end (appendix D)
         waits += left_out_by_the_wait(report)
     lines = [
         f"PostgreSQL {report.primary.version}",
         "tbl_users is hash partitioned: a partition FOR VALUES WITH (modulus m, remainder r) takes the rows",
-        "whose hash(id) mod m = r." + (" Its partitions are foreign tables on the shards." if report.on_shards else ""),
+        "whose hash(id) mod m = r." + stored_where,
         "",
         f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
         # (Unless synchronous_commit = remote_apply and synchronous_standby_names say so: docs/read-your-writes.md.)

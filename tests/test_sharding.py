@@ -934,6 +934,36 @@ def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> 
     assert "tbl_users_p2" not in report["on_shards"]["shard-one"]
 
 
+def test_a_partition_kept_on_master_db_is_not_said_to_be_on_a_shard(sharded: LocalCluster) -> None:
+    # Part way through a move, a partition may be a table of master-db's own again. The report must name the
+    # partitions that the shards store, not say that all of them do.
+    def in_one_transaction(*statements: str) -> None:
+        with tcp(sharded.primary) as connection, connection.transaction():
+            for statement in statements:
+                connection.execute(statement)
+
+    in_one_transaction(
+        "ALTER TABLE tbl_users DETACH PARTITION tbl_users_p3",
+        "ALTER FOREIGN TABLE tbl_users_p3 RENAME TO tbl_users_p3_on_a_shard",
+        "CREATE TABLE tbl_users_p3 PARTITION OF tbl_users FOR VALUES WITH (MODULUS 4, REMAINDER 3)",
+    )
+    try:
+        result = run_demo(sharded)
+    finally:
+        in_one_transaction(
+            "DROP TABLE tbl_users_p3",
+            "ALTER FOREIGN TABLE tbl_users_p3_on_a_shard RENAME TO tbl_users_p3",
+            "ALTER TABLE tbl_users ATTACH PARTITION tbl_users_p3 FOR VALUES WITH (MODULUS 4, REMAINDER 3)",
+        )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    stored_where = "tbl_users_p0, tbl_users_p1, tbl_users_p2: foreign tables on the shards."
+    assert lines[2] == f"whose hash(id) mod m = r. {stored_where}"
+    [p3] = [line for line in lines if line.startswith("Partition tbl_users_p3: ")]
+    assert re.fullmatch(r"Partition tbl_users_p3: \d+ records?", p3)  # no "on shard-..."
+    assert "  as predicted, and on no other shard: yes" in lines
+
+
 # ------------------------------------------------------------------------------------------------
 # The compose profile
 # ------------------------------------------------------------------------------------------------
