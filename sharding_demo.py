@@ -1741,7 +1741,10 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         return DemoError(
             f"lost {primary} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
         )
-    return DemoError(f"{primary} refused the insert: {one_line(error)}; nothing was written", ExitCode.REFUSED)
+    refused = f"{primary} refused the insert: {one_line(error)}"
+    if from_a_shard(error):  # a constraint on a shard's own table, say: not to be looked for on master-db
+        refused += " (a shard's answer, which postgres_fdw passed on)"
+    return DemoError(f"{refused}; nothing was written", ExitCode.REFUSED)
 
 
 # What became of a transaction, by its id: 'committed', 'aborted' or 'in progress' (from the commit log, pg_xact);

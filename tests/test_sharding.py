@@ -293,6 +293,36 @@ SLEEP_ONCE = (
 )
 
 
+def test_a_shard_that_refuses_a_row_is_told_as_the_shard_s_answer(sharded: LocalCluster) -> None:
+    # A constraint on the shards' own tables (NOT VALID: the rows already there are not checked) refuses the run's
+    # users. master-db passes the shard's error on: the line says whose answer it is, since master-db's foreign
+    # tables have no such constraint to look for.
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    stored_here = (
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'tbl_users'::regclass"
+    )
+
+    def on_every_shard_table(statement: str) -> None:
+        for shard in sharded.shards:
+            for (name,) in shard.query(stored_here):
+                shard.execute(statement.format(table=name))
+
+    on_every_shard_table("ALTER TABLE {table} ADD CONSTRAINT refuses CHECK (first_name LIKE 'x%') NOT VALID")
+    try:
+        result = run_demo(sharded)
+    finally:
+        on_every_shard_table("ALTER TABLE {table} DROP CONSTRAINT refuses")
+    assert result.returncode == 7, result.stderr
+    assert re.fullmatch(
+        rf"sharding_demo.py: error: {re.escape(named(sharded.primary))} refused the insert: new row for relation "
+        r'"tbl_users_p\d" violates check constraint "refuses" \(Failing row contains \(.+\)\.\) '
+        r"\(a shard's answer, which postgres_fdw passed on\); nothing was written",
+        result.stderr.strip(),
+    ), result.stderr
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
 @pytest.mark.parametrize("users", [100, 1000])  # the ORM path, and the bulk path (COPY)
 def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluster, users: int) -> None:
     shard_two = shard_of(sharded, "shard-two")
