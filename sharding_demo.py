@@ -568,7 +568,8 @@ COMMIT_WRITTEN = text(
 # src/backend/access/transam/xact.c). On the sharded layout that is master-db's transaction: its INSERTs go to the
 # shards. A message in the WAL, which logical decoding would pass on and a replica replays as a no-op, is WAL of its
 # own: COMMIT then writes its record first. 'local' keeps the rest as it was: master-db's standbys hold none of the
-# rows, which the shards have committed before master-db does, so its COMMIT still waits for none of them.
+# rows, which the shards have committed before master-db does, so its COMMIT still waits for none of them. (And
+# 'local' is what COMMIT_WRITTEN would ask for when the setting is 'off': one statement does for both.)
 WAL_OF_ITS_OWN = text(
     "SELECT pg_logical_emit_message(true, 'sharding_demo', 'users sent to the shards'),"
     " set_config('synchronous_commit', 'local', true)"
@@ -591,9 +592,7 @@ def commit(
     with Session(primary.engine) as session:
         try:
             session.begin()
-            session.execute(COMMIT_WRITTEN)
-            if sharded:
-                session.execute(WAL_OF_ITS_OWN)
+            session.execute(WAL_OF_ITS_OWN if sharded else COMMIT_WRITTEN)
             # The transaction's id. If no answer to the COMMIT comes back, a new connection can ask the
             # primary, with pg_xact_status(), whether it committed (appendix D).
             xid = session.scalar(text("SELECT CAST(pg_current_xact_id() AS text)"))
