@@ -771,9 +771,12 @@ def render_text(report: Report) -> str:
 
     # Which partitions the shards store: all of them on the sharded layout, some during a move (docs/sharding.md).
     foreign = [partition.name for partition in report.primary.partitions if partition.shard]
-    stored_where = f" {', '.join(foreign)}: foreign tables on the shards." if foreign else ""
-    if foreign and len(foreign) == len(report.primary.partitions):
+    if not foreign:
+        stored_where = ""
+    elif len(foreign) == len(report.primary.partitions):
         stored_where = " Its partitions are foreign tables on the shards."
+    else:
+        stored_where = f" {', '.join(foreign)}: foreign tables on the shards."
     waits = [f"  {name}: caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()]
     if report.skipped:  # replicas left out: by the wait, told here, and during the reads, at the end (appendix D)
         waits += left_out_by_the_wait(report)
