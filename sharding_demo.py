@@ -402,15 +402,13 @@ def check_primary(primary: Server) -> PrimaryFacts:
     """Is the primary reachable and a primary, and how is tbl_users partitioned? The demo predicts
     rows for hash on id into plain tables, or foreign tables on one of its shards, that it may read
     and that cover every remainder; it refuses any other layout (appendix D says why)."""
-    connected = False  # once the demo is in, a failure is a server lost, not one it cannot reach
     try:
         with primary.engine.connect() as connection:
-            connected = True
             version = connection.scalar(text("SHOW server_version"))
             identity = tuple(connection.execute(text(IDENTITY)).one())
             rows = connection.execute(text(PARTITIONS)).all()
     except DATABASE_ERRORS as error:
-        raise primary_failed(primary, error, connected) from None
+        raise primary_failed(primary, error) from None
     partitions = []
     for oid, schema, name, bound, shard, *kind_key_readable in rows:
         match = re.fullmatch(r"FOR VALUES WITH \(modulus (\d+), remainder (\d+)\)", bound)
@@ -1440,8 +1438,8 @@ def no_such_database(server: Server, error: BaseException) -> str | None:
     return f"has no database {server.settings.name}: {to_check(server.settings, 'name')}"
 
 
-def primary_failed(primary: Server, error: BaseException, connected: bool) -> DemoError:
-    """The primary failed its check, before anything was written; `connected`: once it had let the demo in."""
+def primary_failed(primary: Server, error: BaseException) -> DemoError:
+    """The primary failed its check, before anything was written."""
     if refused_login(error):
         return DemoError(f"{primary} refused the login: {one_line(error)}", ExitCode.LOGIN_REFUSED)
     if missing := no_such_database(primary, error):
@@ -1455,7 +1453,9 @@ def primary_failed(primary: Server, error: BaseException, connected: bool) -> De
     if answered(error):  # it let the demo in, and answered a question of the checks with an error
         message = f"{primary} answered the demo's checks with an error: {one_line(error)}; nothing was written"
         return DemoError(message, ExitCode.REFUSED)
-    if connected:  # then it ended the connection: pg_terminate_backend(), a shutdown, a timeout of its own
+    # It let the demo in (the watchdog watches each connection from the moment it is made, before SQLAlchemy's own
+    # first questions), then ended the session: pg_terminate_backend(), a shutdown, a timeout of its own.
+    if primary.service in primary.watchdog.servers:
         return DemoError(
             f"lost {primary} during the checks: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
         )
@@ -1495,13 +1495,11 @@ def unusable_primary(primary: Server, facts: PrimaryFacts) -> DemoError:
         greatest, uncovered = max(p.modulus for p in facts.partitions), uncovered_remainders(facts.partitions)
         what = f"partitions of tbl_users that leave remainders {uncovered} of modulus {greatest} without a partition"
         return DemoError(f"{primary} has {what}: rows there would be refused; {LAYOUT_THE_DEMO_KNOWS}", ExitCode.LAYOUT)
-    connected = False
     try:
         with primary.engine.connect() as connection:
-            connected = True
             found, key = connection.execute(TBL_USERS).one()
     except DATABASE_ERRORS as error:
-        return primary_failed(primary, error, connected)
+        return primary_failed(primary, error)
     if not found:  # to_regclass() looks as the application's queries do: the search_path's schemas that it may use
         what = f"no table tbl_users that user {settings.user} finds by name in database {settings.name}"
         made = "(on its search_path, in a schema it may use); init-master.sql makes it in public, in database postgres"

@@ -302,6 +302,48 @@ def test_a_primary_that_ends_the_demo_s_session_during_the_checks_is_told_as_los
     assert counts_everywhere(cluster) == [before] * 3
 
 
+# The demo, with a hook that has master-db end the session of the demo's first connection the moment it is open:
+# before SQLAlchemy's own first questions on it, which engine.connect() asks before it returns.
+ENDED_ON_FIRST_CONNECT = """
+import os, sys, time
+import psycopg
+from sqlalchemy import event
+import sharding_demo
+make_server = sharding_demo.make_server
+ended = []
+def make_and_hook(settings, connect_timeout, watchdog):
+    server = make_server(settings, connect_timeout, watchdog)
+    def end_the_session(connection, record):
+        if not ended:
+            ended.append(connection.info.backend_pid)
+            with psycopg.connect(os.environ["TERMINATOR"], autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s, 10000)", ended)
+    if server.service == "master-db":
+        event.listen(server.engine, "connect", end_the_session, insert=True)
+    return server
+sharding_demo.make_server = make_and_hook
+sys.exit(sharding_demo.main(sys.argv[1:]))
+"""
+
+
+def test_a_primary_that_ends_the_session_as_the_first_connection_opens_is_told_as_lost(cluster: LocalCluster) -> None:
+    # The demo got in, and master-db ended the session before engine.connect() returned (an
+    # idle_in_transaction_session_timeout of 1 ms does it too, at random). Lost during the checks, not "cannot connect".
+    before = counts_everywhere(cluster)[0]
+    environment = clean_environment() | cluster.demo_environment() | {"PYTHONPATH": str(DEMO.parent)}
+    primary = cluster.primary
+    environment["TERMINATOR"] = f"host={primary.socket_dir} port={primary.port} user=postgres dbname=postgres"
+    command = [sys.executable, "-c", ENDED_ON_FIRST_CONNECT]  # master-db ends the session: pg_terminate_backend()
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 3, result.stderr
+    [line] = errors_of(result.stderr)
+    assert line == (
+        f"sharding_demo.py: error: lost {named(primary)} during the checks: terminating connection due to "
+        "administrator command; nothing was written"
+    )
+    assert counts_everywhere(cluster) == [before] * 3
+
+
 def test_a_primary_still_running_the_insert_ends_it_when_the_demo_gives_up(cluster: LocalCluster) -> None:
     # A trigger that a learner added, and that takes its time: the demo gives up at the stall bound, and the server,
     # which checks every second that its client is still there, ends the statement (not the trigger's 60 s later).
