@@ -1573,6 +1573,10 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return f"{answer}: {to_check(replica.settings, 'user')}"
     if answered(error):  # connected, and an error in answer to a statement: a statement_timeout, say
         return answer
+    # SQLAlchemy keeps the statement that was sent when the error came back: the replica had let the demo in, and
+    # the connection went without a word from it (a server process that crashed, say).
+    if getattr(error, "statement", None) is not None:
+        return f"lost the connection: {one_line(error)}"
     return f"unreachable: {one_line(error)}"
 
 

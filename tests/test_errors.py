@@ -4,6 +4,8 @@ no traceback and nothing written."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 import psycopg
@@ -214,6 +216,38 @@ def test_a_replica_that_ends_the_connection_during_a_read_is_not_called_unreacha
     assert (skip.replica.service, skip.when) == (ended[0].name, "during the reads")
     assert skip.reason == "ended the connection: terminating connection due to administrator command"
     assert sum(report.landing.value[0].values()) == 5  # the other replica answered
+
+
+def test_a_replica_whose_server_process_crashes_during_a_read_is_lost_not_unreachable(
+    healthy_cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo's server process on the replica dies (SIGKILL, as the kernel's OOM killer would) while the demo reads
+    # from it: the connection goes without a word from the server. The replica had been reached; it is left out,
+    # and the read retried on the other one.
+    cluster, original, crashed = healthy_cluster, sharding_demo.where_users_landed, []
+
+    def crash_then_read(session: Any, ids: Any, show: int) -> Any:
+        if not crashed:
+            crashed.append(next(node for node in cluster.replicas if node.port == session.get_bind().url.port))
+            os.kill(session.connection().connection.driver_connection.info.backend_pid, signal.SIGKILL)
+        return original(session, ids, show)
+
+    monkeypatch.setattr(sharding_demo, "where_users_landed", crash_then_read)
+    report = run_in_process(cluster)
+    [skip] = report.skipped
+    assert (skip.replica.service, skip.when) == (crashed[0].name, "during the reads")
+    assert skip.reason.startswith("lost the connection: "), skip.reason
+    assert "server closed the connection unexpectedly" in skip.reason, skip.reason
+    assert sum(report.landing.value[0].values()) == 5  # the other replica answered
+    assert wait_until(lambda: lets_in(crashed[0]), timeout=60)  # its postmaster restarts it: crash recovery
+
+
+def lets_in(node: PostgresNode) -> bool:
+    try:
+        node.query("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
 
 
 def test_primary_address_pointing_at_a_replica(cluster: LocalCluster) -> None:
