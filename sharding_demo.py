@@ -255,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_json(report)  # appendix C
         else:
             print(render_text(report), flush=True)
+        if not report.as_predicted():  # the report says MISMATCH or "not found": so does the exit code
+            raise not_as_predicted(report.written)  # appendix D
     except DemoError as error:
         print(f"sharding_demo.py: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -740,6 +742,13 @@ class Report:
             (number, predict_partition(ids[number], self.primary.partitions), by_oid.get(landed.get(number, 0)))
             for number in range(min(self.show, len(ids)))
         ]
+
+    def as_predicted(self) -> bool:
+        """Is each of this run's users where it was predicted: each one listed, each partition's count, each shard?"""
+        listed = all(actual == predicted for _, predicted, actual in self.new_users())
+        landed, predicted = self.landing.value[0], self.written.predicted
+        counted = all(landed[partition.oid] == predicted[partition.oid] for partition in self.primary.partitions)
+        return listed and counted and self.shards_as_predicted() == "yes"
 
     def shards_as_predicted(self) -> str:
         """Does each shard store exactly the users predicted for its partitions, and no others?"""
@@ -1241,6 +1250,7 @@ class ExitCode(IntEnum):
     COMMIT_UNKNOWN = 8, "outcome unknown: COMMIT unanswered and the primary unable to say, or a shard not counted"
     SHARD_DOWN = 9, "a shard was unreachable, failed its checks, or stopped before the commit: nothing was written"
     PARTLY_COMMITTED = 10, "a shard refused the COMMIT after another had committed: the message says who kept what"
+    NOT_AS_PREDICTED = 11, "the report was printed, but a user is not where predicted (MISMATCH) or not found"
     SIGHUP = 129, "SIGHUP (a closed terminal): the message says whether anything was committed"
     SIGINT = 130, "Ctrl-C (SIGINT): the message says whether anything was committed"
     STDOUT_CLOSED = 141, "stdout was closed before the report was printed, as with `| head`"
@@ -1801,6 +1811,14 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
     why = f"{primary.service} could not be asked" if status is None else said  # 'in progress'
     message = f"{what}: whether the {written.users:,} users were committed is unknown ({why})"
     return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
+
+
+def not_as_predicted(written: Written) -> DemoError:
+    """The report was printed, and it shows a user that the reads did not find where the demo predicted it: a
+    different hash (a big-endian server, appendix A), or a rule or policy that keeps rows out of sight. Whatever
+    the reads found, master-db committed the transaction: the users that it stored stay."""
+    what = "not every one of this run's users is where the demo predicted it (the report says which)"
+    return DemoError(f"{what}; {written.primary} committed the transaction", ExitCode.NOT_AS_PREDICTED)
 
 
 def failure_after_commit(written: Written, error: BaseException) -> DemoError:

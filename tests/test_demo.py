@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import sharding_demo
-from conftest import connect, database_with, functions_outside_the_lesson, run_demo
+from conftest import connect, counts_everywhere, database_with, functions_outside_the_lesson, named, run_demo
 from local_cluster import LocalCluster
 
 
@@ -320,6 +320,20 @@ def test_users_that_the_reads_do_not_find_are_not_told_as_in_the_table(cluster: 
     assert all(line.endswith("  ok") for name, line in users.items() if name != "Bob")
     total = "The table now holds 4 users: every run's, but only 4 of this run's 5 (the reads did not find the others)."
     assert total in lines
+
+
+def test_a_user_that_the_reads_do_not_find_fails_the_run_after_the_report(cluster: LocalCluster) -> None:
+    # The report is the proof that each user is where it was predicted; a run whose proof fails exits non-zero.
+    no_bob = "CREATE RULE no_bob AS ON INSERT TO tbl_users WHERE NEW.first_name = 'Bob' DO INSTEAD NOTHING"
+    settings = database_with_tbl_users(cluster, "still_without_bob", no_bob)
+    result = run_demo(cluster, env=settings)
+    assert result.returncode == 11, result.stderr
+    assert result.stderr.splitlines() == [
+        "sharding_demo.py: error: not every one of this run's users is where the demo predicted it (the report says "
+        f"which); {named(cluster.primary)} committed the transaction"
+    ]
+    assert " -> not found  MISMATCH" in result.stdout
+    assert counts_everywhere(cluster, "still_without_bob") == [4, 4, 4]
 
 
 def test_show_0_lists_no_rows_and_says_so(run_in_process) -> None:  # type: ignore[no-untyped-def]
