@@ -1394,11 +1394,18 @@ CONNECTING = ("28", "3D", "53", "57P", "08004")
 
 
 def answered(error: BaseException) -> bool:
-    """Did the server answer with an error and stay connected (not: it went away, we cut it off, or it
-    refused a new connection)? An error from a shard, passed on by master-db, is such an answer."""
+    """Did the server answer with an error and stay connected (not: it went away, we cut it off, it ended the
+    session, or it refused a new connection)? An error from a shard, passed on by master-db, is such an answer."""
     code = sqlstate(error)
     invalidated = isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
-    return code is not None and not invalidated and not code.startswith(CONNECTING)
+    return code is not None and not invalidated and not code.startswith(CONNECTING) and not ended_the_session(error)
+
+
+def ended_the_session(error: BaseException) -> bool:
+    """An error of severity FATAL ends the session it is sent on: pg_terminate_backend(), a shutdown, or a timeout
+    of the server's own (idle_in_transaction_session_timeout; transaction_timeout, PostgreSQL 17 and later)."""
+    diagnostic = getattr(getattr(error, "orig", error), "diag", None)
+    return getattr(diagnostic, "severity_nonlocalized", None) in ("FATAL", "PANIC")
 
 
 def from_a_shard(error: BaseException) -> bool:
@@ -1574,7 +1581,7 @@ def replica_failure(replica: Server, error: BaseException) -> str:
         return cause(replica, error)
     if "FATAL:" in one_line(error):  # it answered, and said no: starting up, shutting down, too many connections
         return f"refused the connection: {one_line(error)}"
-    if (sqlstate(error) or "").startswith("57P"):  # it ended a session it had let in: shut down, pg_terminate_backend
+    if ended_the_session(error):  # it ended a session it had let in: shut down, pg_terminate_backend, a timeout
         return f"ended the connection: {one_line(error)}"
     answer = f"answered the demo's question with an error: {one_line(error)}"
     if sqlstate(error) == PERMISSION_DENIED:  # to its settings' user: a read-only role without every grant, say

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy import text
 
 import sharding_demo
 from conftest import (
@@ -215,6 +217,30 @@ def test_a_replica_that_ends_the_connection_during_a_read_is_not_called_unreacha
     [skip] = report.skipped
     assert (skip.replica.service, skip.when) == (ended[0].name, "during the reads")
     assert skip.reason == "ended the connection: terminating connection due to administrator command"
+    assert sum(report.landing.value[0].values()) == 5  # the other replica answered
+
+
+def test_a_replica_whose_own_timeout_ends_the_session_during_a_read_is_left_out(
+    cluster: LocalCluster, run_in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A replica's idle_in_transaction_session_timeout ends the demo's session in the middle of a read, with an error
+    # of severity FATAL. That is the replica ending the connection, not an answer to the read (which no other
+    # replica would improve on): it is left out, and the read retried on the other one.
+    original, ended = sharding_demo.where_users_landed, []
+
+    def time_out_then_read(session: Any, ids: Any, show: int) -> Any:
+        if not ended:
+            ended.append(next(node for node in cluster.replicas if node.port == session.get_bind().url.port))
+            session.execute(text("SET idle_in_transaction_session_timeout = '50ms'"))
+            time.sleep(0.5)
+        return original(session, ids, show)
+
+    monkeypatch.setattr(sharding_demo, "where_users_landed", time_out_then_read)
+    report = run_in_process()
+    [skip] = report.skipped
+    assert (skip.replica.service, skip.when) == (ended[0].name, "during the reads")
+    gone = "lost the connection: consuming input failed: server closed the connection unexpectedly"
+    assert skip.reason in ["ended the connection: terminating connection due to idle-in-transaction timeout", gone]
     assert sum(report.landing.value[0].values()) == 5  # the other replica answered
 
 
