@@ -1414,6 +1414,14 @@ def from_a_shard(error: BaseException) -> bool:
     return "remote SQL command:" in str(getattr(error, "orig", error))
 
 
+def in_words(error: BaseException) -> str:
+    """one_line(error), said to be a shard's answer where it is one (a shard that ended master-db's session there
+    says FATAL, which is not master-db's)."""
+    if from_a_shard(error):
+        return f"{one_line(error)} (a shard's answer, which postgres_fdw passed on)"
+    return one_line(error)
+
+
 # A hot standby cancels a read that holds up its replay of the WAL (a lock or a snapshot that a replayed change
 # conflicts with) once max_standby_streaming_delay has passed: a "recovery conflict". Another replica may answer.
 RECOVERY_CONFLICT = "40001"  # serialization_failure, "canceling statement due to conflict with recovery"
@@ -1747,7 +1755,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
         )
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
-        return CommitRefused(primary, written.ids, f"{primary} refused the COMMIT: {one_line(error)}")
+        return CommitRefused(primary, written.ids, f"{primary} refused the COMMIT: {in_words(error)}")
     if stage == "during":
         return outcome_of_the_commit(written, error, xid)
     if isinstance(error, KeyboardInterrupt):
@@ -1762,10 +1770,8 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         return DemoError(
             f"lost {primary} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
         )
-    refused = f"{primary} refused the insert: {one_line(error)}"
-    if from_a_shard(error):  # a constraint on a shard's own table, say: not to be looked for on master-db
-        refused += " (a shard's answer, which postgres_fdw passed on)"
-    return DemoError(f"{refused}; nothing was written", ExitCode.REFUSED)
+    # A constraint on a shard's own table, say, is told as the shard's answer: not to be looked for on master-db.
+    return DemoError(f"{primary} refused the insert: {in_words(error)}; nothing was written", ExitCode.REFUSED)
 
 
 # What became of a transaction, by its id: 'committed', 'aborted' or 'in progress' (from the commit log, pg_xact);
@@ -1844,9 +1850,7 @@ def failure_after_commit(written: Written, error: BaseException) -> DemoError:
     elif primary.service in primary.watchdog.gave_up_on:
         what = f"{primary} {cause(primary, error)}"
     else:
-        what = one_line(error)
-        if from_a_shard(error):
-            what += " (a shard's answer, which postgres_fdw passed on)"
+        what = in_words(error)
         if asked is not None:
             what = f"a read from {asked} failed: {what}"
     return DemoError(f"failed after the commit: {what}; {committed(written)}", ExitCode.AFTER_COMMIT)

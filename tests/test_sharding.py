@@ -336,8 +336,8 @@ def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluste
     [line] = [line for line in result.stderr.splitlines() if " of 1,000 users" not in line]  # not progress
     assert kept["shard-two"] == 0 and kept["shard-one"] > 0  # half committed, truly
     assert line == (
-        f"sharding_demo.py: error: {named(sharded.primary)} refused the COMMIT: shard-two refuses at commit; "
-        "partly committed, as read on each shard: "
+        f"sharding_demo.py: error: {named(sharded.primary)} refused the COMMIT: shard-two refuses at commit "
+        "(a shard's answer, which postgres_fdw passed on); partly committed, as read on each shard: "
         f"{named(shard_of(sharded, 'shard-one'))} kept {kept['shard-one']:,} of this run's {users:,} users, "
         f"{named(shard_two)} kept 0 of this run's {users:,} users; those stay (postgres_fdw has no two-phase "
         "commit), and tbl_users shows them"
@@ -460,7 +460,8 @@ def test_an_interruption_while_the_shards_are_counted_says_the_outcome_is_unknow
     assert demo.returncode == 143, stderr
     assert stderr.splitlines() == [
         f"sharding_demo.py: error: interrupted (SIGTERM) while the shards were counted: {named(sharded.primary)} "
-        f"refused the COMMIT: refused at commit; as read on each shard: {named(shard_one)} was not counted "
+        "refused the COMMIT: refused at commit (a shard's answer, which postgres_fdw passed on); as read on each "
+        f"shard: {named(shard_one)} was not counted "
         f"(interrupted), {named(shard_of(sharded, 'shard-two'))} was not counted (interrupted); whether any of them "
         "is kept is unknown: count the rows of tbl_users before running again"
     ]
