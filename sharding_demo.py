@@ -1388,17 +1388,12 @@ def answers(server: Server) -> bool:
     return True
 
 
-# The SQLSTATE classes a server answers a new connection with (a login refused, no such database,
-# too many connections, starting up or shutting down), as opposed to an answer to a statement.
-CONNECTING = ("28", "3D", "53", "57P", "08004")
-
-
 def answered(error: BaseException) -> bool:
-    """Did the server answer with an error and stay connected (not: it went away, we cut it off, it ended the
-    session, or it refused a new connection)? An error from a shard, passed on by master-db, is such an answer."""
-    code = sqlstate(error)
+    """Did the server answer with an error and stay connected (not: it went away, we cut it off, or it ended the
+    session)? An error from a shard, passed on by master-db, is such an answer. (A new connection that a server
+    refuses is no answer either: psycopg has only libpq's text for it, and no SQLSTATE.)"""
     invalidated = isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
-    return code is not None and not invalidated and not code.startswith(CONNECTING) and not ended_the_session(error)
+    return sqlstate(error) is not None and not invalidated and not ended_the_session(error)
 
 
 def ended_the_session(error: BaseException) -> bool:
