@@ -1409,9 +1409,17 @@ def from_a_shard(error: BaseException) -> bool:
     return "remote SQL command:" in str(getattr(error, "orig", error))
 
 
+def lost_a_shard(error: BaseException) -> bool:
+    """postgres_fdw lost its connection to a shard (a shard that crashed, say): it reports that with SQLSTATE class
+    08, connection_exception, and the remote command it was running; the shard said nothing."""
+    return from_a_shard(error) and (sqlstate(error) or "").startswith("08")
+
+
 def in_words(error: BaseException) -> str:
-    """one_line(error), said to be a shard's answer where it is one (a shard that ended master-db's session there
-    says FATAL, which is not master-db's)."""
+    """one_line(error), and whose words they are where they came through postgres_fdw: a shard's answer (a shard
+    that ended master-db's session there says FATAL, which is not master-db's), or a connection to a shard lost."""
+    if lost_a_shard(error):
+        return f"{one_line(error)} (a connection to a shard, lost: postgres_fdw's words)"
     if from_a_shard(error):
         return f"{one_line(error)} (a shard's answer, which postgres_fdw passed on)"
     return one_line(error)
@@ -1765,6 +1773,9 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         return DemoError(
             f"lost {primary} during the insert: {one_line(error)}; nothing was written", ExitCode.PRIMARY_LOST
         )
+    if lost_a_shard(error):  # each shard rolls back the uncommitted part it holds once its connection goes
+        what = f"{primary} lost its connection to a shard during the insert: {one_line(error)} (postgres_fdw's words)"
+        return DemoError(f"{what}; nothing was written", ExitCode.SHARD_DOWN)
     # A constraint on a shard's own table, say, is told as the shard's answer: not to be looked for on master-db.
     return DemoError(f"{primary} refused the insert: {in_words(error)}; nothing was written", ExitCode.REFUSED)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy
 from psycopg import sql
 
 import sharding_demo
@@ -919,6 +920,47 @@ def test_a_shard_that_stops_during_the_insert_is_named_and_nothing_is_written(
     # master-db finishes the insert once shard-two answers again, finds the demo gone, and rolls it all back.
     time.sleep(1)
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def test_a_shard_whose_server_process_crashes_during_the_insert_is_told_as_a_connection_lost(
+    sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The server process on shard-two that serves master-db's connection dies (SIGKILL, as the out-of-memory killer
+    # would) in the middle of the insert. postgres_fdw says "server closed the connection unexpectedly": no answer
+    # of the shard's, and no refusal of master-db's. Nothing is committed anywhere.
+    shard_two = shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    original = sharding_demo.commit
+
+    def crash_shard_two_then_commit(primary: Any, ids: Any, predicted: Any, method: str, write: Any, *rest: Any) -> Any:
+        def crash_then_write(session: Any) -> None:
+            session.execute(sqlalchemy.text("SELECT FROM tbl_users_p1 LIMIT 1"))  # master-db connects to shard-two
+            for [pid] in shard_two.query("SELECT pid FROM pg_stat_activity WHERE usename = 'coordinator'"):
+                os.kill(int(str(pid)), signal.SIGKILL)
+            write(session)
+
+        return original(primary, ids, predicted, method, crash_then_write, *rest)
+
+    monkeypatch.setattr(sharding_demo, "commit", crash_shard_two_then_commit)
+    try:
+        with pytest.raises(sharding_demo.DemoError) as failure:
+            run_here(sharded, monkeypatch, tmp_path, users=100)  # some are certainly for shard-two
+    finally:
+        assert wait_until(lambda: lets_in(shard_two), timeout=60)  # its postmaster restarts it: crash recovery
+    assert failure.value.exit_code == 9
+    assert str(failure.value) == (
+        f"{named(sharded.primary)} lost its connection to a shard during the insert: server closed the connection "
+        "unexpectedly (postgres_fdw's words); nothing was written"
+    )
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def lets_in(node: PostgresNode) -> bool:
+    try:
+        node.query("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
