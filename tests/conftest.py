@@ -178,6 +178,15 @@ def functions_outside_the_lesson(cluster: LocalCluster, *arguments: str) -> list
     return [(name, line) for name, line in called if line > lesson_end and not appendix_a < line < appendix_b]
 
 
+def lets_in(node: PostgresNode) -> bool:
+    """Does `node` let a session in now (not: down, or starting up after a crash)?"""
+    try:
+        node.query("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
 def named(node: PostgresNode) -> str:
     """How the demo's messages name a server: "master-db (127.0.0.1:21000)"."""
     return f"{node.name} (127.0.0.1:{node.port})"

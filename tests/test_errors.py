@@ -21,6 +21,7 @@ from conftest import (
     counts_everywhere,
     database_with,
     database_with_a_commit_trigger,
+    lets_in,
     logged_in_as,
     named,
     run_demo,
@@ -266,14 +267,6 @@ def test_a_replica_whose_server_process_crashes_during_a_read_is_lost_not_unreac
     assert "server closed the connection unexpectedly" in skip.reason, skip.reason
     assert sum(report.landing.value[0].values()) == 5  # the other replica answered
     assert wait_until(lambda: lets_in(crashed[0]), timeout=60)  # its postmaster restarts it: crash recovery
-
-
-def lets_in(node: PostgresNode) -> bool:
-    try:
-        node.query("SELECT 1")
-    except psycopg.Error:
-        return False
-    return True
 
 
 def test_primary_address_pointing_at_a_replica(cluster: LocalCluster) -> None:

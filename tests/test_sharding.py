@@ -30,6 +30,7 @@ from conftest import (
     docker_compose,
     functions_outside_the_lesson,
     holding_a_lock,
+    lets_in,
     logged_in_as,
     named,
     run_demo,
@@ -953,14 +954,6 @@ def test_a_shard_whose_server_process_crashes_during_the_insert_is_told_as_a_con
         "unexpectedly (postgres_fdw's words); nothing was written"
     )
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
-
-
-def lets_in(node: PostgresNode) -> bool:
-    try:
-        node.query("SELECT 1")
-    except psycopg.Error:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------------
