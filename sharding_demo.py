@@ -1688,6 +1688,8 @@ class CommitRefused(DemoError):
         kept_some, all_known, told, interruption = False, True, [], None
         for number, shard in enumerate(shards):
             try:
+                # New connections: a shard that crashed and restarted meanwhile has closed the pooled ones.
+                shard.engine.dispose()
                 settled = wait_for_commits_in_flight(shard)
                 count = sum(users_on_shard(shard, self.ids).values())
             except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM or SIGHUP: ask no more shards
@@ -1757,6 +1759,9 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         return DemoError(
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
         )
+    if stage == "during" and lost_a_shard(error):  # a shard that crashed at its COMMIT, say: the others may have
+        what = f"{primary} lost its connection to a shard during the COMMIT: {one_line(error)} (postgres_fdw's words)"
+        return CommitRefused(primary, written.ids, what)
     if stage == "during" and answered(error):  # the server said no to the COMMIT itself
         return CommitRefused(primary, written.ids, f"{primary} refused the COMMIT: {in_words(error)}")
     if stage == "during":

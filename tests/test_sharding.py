@@ -956,6 +956,35 @@ def test_a_shard_whose_server_process_crashes_during_the_insert_is_told_as_a_con
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
+def test_a_shard_whose_server_process_crashes_at_its_commit_is_told_as_a_connection_lost(sharded: LocalCluster) -> None:
+    # shard-two's COMMIT takes 3 s (a deferred trigger), and its server process dies meanwhile, while shard-one has
+    # committed its part: partly committed, told as a connection lost, not as a COMMIT that master-db refused.
+    shard_one, shard_two = shard_of(sharded, "shard-one"), shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    committing = "SELECT pid FROM pg_stat_activity WHERE usename = 'coordinator' AND query LIKE 'COMMIT%'"
+    with at_commit(shard_two, "slow", "PERFORM pg_sleep(3); RETURN NULL;"):
+        demo = start_demo(sharded, "--users", "100")
+        try:
+            assert wait_until(lambda: shard_two.query(committing) != [], timeout=30)
+            for [pid] in shard_two.query(committing):
+                os.kill(int(str(pid)), signal.SIGKILL)
+            _, stderr = demo.communicate(timeout=60)
+        finally:
+            assert wait_until(lambda: lets_in(shard_two), timeout=60)  # its postmaster restarts it: crash recovery
+    kept = {shard.name: len(ids_on(shard)) - before[shard.name] for shard in sharded.shards}
+    assert demo.returncode == 10, stderr
+    assert kept["shard-one"] > 0 and kept["shard-two"] == 0
+    [line] = stderr.splitlines()
+    assert line.startswith(
+        f"sharding_demo.py: error: {named(sharded.primary)} lost its connection to a shard during the COMMIT: server "
+        "closed the connection unexpectedly (postgres_fdw's words); partly committed, as read on each shard: "
+        f"{named(shard_one)} kept {kept['shard-one']:,} of this run's 100 users, {named(shard_two)} kept "
+    ), line
+    # shard-two is counted on a new connection (kept 0, or refused while it recovers), not on a pooled one that its
+    # crash closed.
+    assert "consuming input failed" not in line, line
+
+
 # ------------------------------------------------------------------------------------------------
 # Rebalancing: move tbl_users_p2 from shard-one to shard-two, with docs/move-partition.sql
 # ------------------------------------------------------------------------------------------------
