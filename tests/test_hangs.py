@@ -137,23 +137,30 @@ def test_a_replica_stopped_during_the_read_back_is_left_out_and_the_read_retried
     assert counts_everywhere(cluster) == [before + 5] * 3
 
 
-# The demo, with a hook that stops replica-one (its postmaster, and the server process of the demo's connection) the
-# moment the demo's first connection to it is open: before SQLAlchemy's own first questions on it.
-STOPPED_ON_FIRST_CONNECT = """
+# The demo, with a hook that acts on the server HOOKED_SERVICE the moment the demo's first connection to it is open:
+# before SQLAlchemy's own first questions on it, which engine.connect() asks before it returns. With POSTMASTER_PID
+# it stops the server (its postmaster, and the server process of the demo's connection); with TERMINATOR (a
+# superuser's connection string) it has the server end the session, with pg_terminate_backend().
+ON_FIRST_CONNECT = """
 import os, signal, sys
+import psycopg
 from sqlalchemy import event
 import sharding_demo
 make_server = sharding_demo.make_server
-stopped = []
+acted = []
 def make_and_hook(settings, connect_timeout, watchdog):
     server = make_server(settings, connect_timeout, watchdog)
-    def stop_the_server(connection, record):
-        if not stopped:
-            stopped.append(connection.info.backend_pid)
-            for pid in (int(os.environ["POSTMASTER_PID"]), connection.info.backend_pid):
-                os.kill(pid, signal.SIGSTOP)
-    if server.service == "replica-one":
-        event.listen(server.engine, "connect", stop_the_server, insert=True)
+    def act(connection, record):
+        if not acted:
+            acted.append(connection.info.backend_pid)
+            if "POSTMASTER_PID" in os.environ:
+                for pid in (int(os.environ["POSTMASTER_PID"]), connection.info.backend_pid):
+                    os.kill(pid, signal.SIGSTOP)
+            else:
+                with psycopg.connect(os.environ["TERMINATOR"], autocommit=True) as other:
+                    other.execute("SELECT pg_terminate_backend(%s, 10000)", acted)
+    if server.service == os.environ["HOOKED_SERVICE"]:
+        event.listen(server.engine, "connect", act, insert=True)
     return server
 sharding_demo.make_server = make_and_hook
 sys.exit(sharding_demo.main(sys.argv[1:]))
@@ -167,9 +174,10 @@ def test_a_replica_that_stops_as_the_first_connection_opens_is_cut_off_too(clust
     replica = cluster.replicas[0]
     environment = clean_environment() | cluster.demo_environment() | {"PYTHONPATH": str(DEMO.parent)}
     environment |= {"DEMO_STALL_TIMEOUT": STALL, "POSTMASTER_PID": str(replica.postmaster_pid())}
+    environment["HOOKED_SERVICE"] = "replica-one"
     try:
         result = subprocess.run(
-            [sys.executable, "-c", STOPPED_ON_FIRST_CONNECT, "--json"],
+            [sys.executable, "-c", ON_FIRST_CONNECT, "--json"],
             env=environment,
             capture_output=True,
             text=True,
@@ -302,30 +310,6 @@ def test_a_primary_that_ends_the_demo_s_session_during_the_checks_is_told_as_los
     assert counts_everywhere(cluster) == [before] * 3
 
 
-# The demo, with a hook that has master-db end the session of the demo's first connection the moment it is open:
-# before SQLAlchemy's own first questions on it, which engine.connect() asks before it returns.
-ENDED_ON_FIRST_CONNECT = """
-import os, sys, time
-import psycopg
-from sqlalchemy import event
-import sharding_demo
-make_server = sharding_demo.make_server
-ended = []
-def make_and_hook(settings, connect_timeout, watchdog):
-    server = make_server(settings, connect_timeout, watchdog)
-    def end_the_session(connection, record):
-        if not ended:
-            ended.append(connection.info.backend_pid)
-            with psycopg.connect(os.environ["TERMINATOR"], autocommit=True) as other:
-                other.execute("SELECT pg_terminate_backend(%s, 10000)", ended)
-    if server.service == "master-db":
-        event.listen(server.engine, "connect", end_the_session, insert=True)
-    return server
-sharding_demo.make_server = make_and_hook
-sys.exit(sharding_demo.main(sys.argv[1:]))
-"""
-
-
 def test_a_primary_that_ends_the_session_as_the_first_connection_opens_is_told_as_lost(cluster: LocalCluster) -> None:
     # The demo got in, and master-db ended the session before engine.connect() returned (an
     # idle_in_transaction_session_timeout of 1 ms does it too, at random). Lost during the checks, not "cannot connect".
@@ -333,7 +317,8 @@ def test_a_primary_that_ends_the_session_as_the_first_connection_opens_is_told_a
     environment = clean_environment() | cluster.demo_environment() | {"PYTHONPATH": str(DEMO.parent)}
     primary = cluster.primary
     environment["TERMINATOR"] = f"host={primary.socket_dir} port={primary.port} user=postgres dbname=postgres"
-    command = [sys.executable, "-c", ENDED_ON_FIRST_CONNECT]  # master-db ends the session: pg_terminate_backend()
+    environment["HOOKED_SERVICE"] = "master-db"
+    command = [sys.executable, "-c", ON_FIRST_CONNECT]  # master-db ends the session: pg_terminate_backend()
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 3, result.stderr
     [line] = errors_of(result.stderr)
