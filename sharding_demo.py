@@ -333,7 +333,7 @@ class Watchdog:
         self.stall_timeout, self.deadline = stall_timeout, float("inf")  # the catch-up wait sets a deadline
         self.watched: dict[Any, tuple[Server, float | None]] = {}  # psycopg connection: (server, busy since)
         self.gave_up_on: dict[str, str] = {}  # the services it cut off, and why
-        self.servers: dict[str, Server] = {}  # every server it has watched, by service
+        self.servers: dict[str, Server] = {}  # every server it has watched, by service: each one the demo got into
         self.last_progress, self.lock = time.monotonic(), threading.Lock()
         threading.Thread(target=self.look, daemon=True).start()
 
