@@ -200,7 +200,9 @@ def run(settings: DemoSettings) -> Report:
                 models = [User(first_name=user_name(number)) for number in range(settings.users)]
                 ids = [model.id.bytes for model in models]
                 predicted = Counter(predict_partition(id_bytes, facts.partitions).oid for id_bytes in ids)
-                written = commit(primary, ids, predicted, "ORM", lambda session: session.add_all(models), bool(shards))
+                written = commit(
+                    primary, ids, predicted, "ORM", lambda session: add_users(session, models), bool(shards)
+                )
             else:  # the ORM is the path to read, and the wrong one for a million rows: appendix B
                 written = insert_many_users(primary, settings.users, facts.partitions)
         except CommitRefused as refused:  # with shards, some may have committed: appendix D counts
@@ -548,6 +550,7 @@ class Written:
     ids: Sequence[bytes]  # user number n's id is ids[n]
     predicted: Counter[int]  # this run's users per partition oid, as predicted in Python
     method: str  # "ORM" or "COPY"
+    stored: int  # the rows that the server said its INSERTs (or COPYs) stored: see add_users
     primary: Server
     commit_lsn: str  # the replicas must replay the WAL up to here
 
@@ -576,19 +579,35 @@ WAL_OF_ITS_OWN = text(
 )
 
 
+def add_users(session: Session, models: list[User]) -> int:
+    """The ORM's INSERTs, sent now (flush), inside the transaction; returns how many rows the server says they
+    stored. A rule (DO INSTEAD NOTHING) or a trigger can keep a row out without an error: only each INSERT's own
+    count, its command tag ("INSERT 0 4"), says so. The ORM does not return it, but each statement's cursor has it."""
+    counts = []
+
+    def count(connection: Any, cursor: Any, *_: Any) -> None:
+        counts.append(cursor.rowcount)
+
+    event.listen(session.connection(), "after_cursor_execute", count)
+    session.add_all(models)
+    session.flush()
+    event.remove(session.connection(), "after_cursor_execute", count)
+    return sum(counts)
+
+
 def commit(
     primary: Server,
     ids: Sequence[bytes],
     predicted: Counter[int],
     method: str,
-    write: Callable[[Session], None],
+    write: Callable[[Session], int],
     sharded: bool,
 ) -> Written:
     """Run `write` in one transaction on the primary, commit, and note where the commit is in the
     WAL. Until the COMMIT a failure rolls everything back; after it the users are in the table; a
     failure *during* it says what it knows (appendix D). PostgreSQL has no two-phase commit through
     postgres_fdw: if one shard refuses the COMMIT, another may have committed already."""
-    stage, xid, commit_lsn = "before", None, "unknown"
+    stage, xid, commit_lsn, stored = "before", None, "unknown", 0
     with Session(primary.engine) as session:
         try:
             session.begin()
@@ -596,8 +615,7 @@ def commit(
             # The transaction's id. If no answer to the COMMIT comes back, a new connection can ask the
             # primary, with pg_xact_status(), whether it committed (appendix D).
             xid = session.scalar(text("SELECT CAST(pg_current_xact_id() AS text)"))
-            write(session)
-            session.flush()  # send the INSERTs now, inside the transaction
+            stored = write(session)  # the INSERTs (or COPYs) are sent now, inside the transaction
             stage = "during"
             session.commit()
             stage = "after"
@@ -606,12 +624,12 @@ def commit(
             commit_lsn = str(session.scalar(text("SELECT pg_current_wal_lsn()")))
             # Give the connection back here, still inside this try: a Ctrl-C meanwhile is told as after the commit.
             session.close()
-            return Written(ids, predicted, method, primary, commit_lsn)
+            return Written(ids, predicted, method, stored, primary, commit_lsn)
         except (KeyboardInterrupt, *DATABASE_ERRORS) as error:
             # Close the connection without a ROLLBACK (it may be dead): the server rolls back an
             # open transaction whose connection goes away.
             session.invalidate()
-            written = Written(ids, predicted, method, primary, commit_lsn)
+            written = Written(ids, predicted, method, stored, primary, commit_lsn)
             raise failure_of_the_write(written, stage, error, xid) from None
 
 
@@ -784,6 +802,10 @@ def render_text(report: Report) -> str:
         stored_where = " Its partitions are foreign tables on the shards."
     else:
         stored_where = f" {', '.join(foreign)}: foreign tables on the shards."
+    inserted, kept_out = f"{written.users:,} users", []
+    if written.stored != written.users:  # a rule or a trigger kept some out, without an error (add_users)
+        inserted = f"{written.stored:,} of {written.users:,} users"
+        kept_out = [f"By its own count, it kept {written.users - written.stored:,} out (a rule or a trigger, say)."]
     waits = [f"  {name}: caught up in {seconds * 1000:,.0f} ms" for name, seconds in report.catchup.items()]
     if report.skipped:  # replicas left out: by the wait, told here, and during the reads, at the end (appendix D)
         waits += left_out_by_the_wait(report)
@@ -792,7 +814,8 @@ def render_text(report: Report) -> str:
         "tbl_users is hash partitioned: a partition FOR VALUES WITH (modulus m, remainder r) takes the rows",
         "whose hash(id) mod m = r." + stored_where,
         "",
-        f"Inserted {written.users:,} users ({written.method}) in one transaction on {where(primary)}.",
+        f"Inserted {inserted} ({written.method}) in one transaction on {where(primary)}.",
+        *kept_out,
         # (Unless synchronous_commit = remote_apply and synchronous_standby_names say so: docs/read-your-writes.md.)
         f"Committed at WAL position {written.commit_lsn}. By default COMMIT does not wait for the replicas",
         "to replay it, so the demo waits for them, and then reads from those that did (read-your-writes):",
@@ -1044,12 +1067,13 @@ def insert_many_users(primary: Server, count: int, partitions: Sequence[Partitio
 
     loaded = progress_printer(count, "loaded")
 
-    def copy_rows(session: Session) -> None:
+    def copy_rows(session: Session) -> int:
         # COPY is psycopg's own API, which SQLAlchemy does not wrap: session.connection() is the
         # transaction's connection, and .connection.driver_connection the psycopg one under it.
         # Same connection, same transaction: the COPY commits or rolls back with the rest.
         connection = session.connection().connection.driver_connection
         statement = "COPY tbl_users (id, first_name) FROM STDIN (FORMAT BINARY)"
+        stored = 0  # as the server counts them (COPY fires no rules, but a trigger may keep a row out)
         with connection.cursor() as cursor:
             # One COPY per ROWS_PER_COPY rows, all in this transaction. The server answers a COPY once it has
             # stored its rows; until then, what we have sent may sit unread in the kernel's socket buffers,
@@ -1066,8 +1090,10 @@ def insert_many_users(primary: Server, count: int, partitions: Sequence[Partitio
                     copy.set_types(["bytea", "varchar"])
                     for number in range(first, last):
                         copy.write_row((ids[number], user_name(number)))
+                stored += cursor.rowcount  # the COPY's command tag: "COPY 10000"
                 primary.watchdog.last_progress = time.monotonic()  # a load that moves is not a server that stopped
                 loaded(last)
+        return stored
 
     return commit(primary, ids, predicted, "COPY", copy_rows, any(partition.shard for partition in partitions))
 
@@ -1153,7 +1179,8 @@ def print_json(report: Report) -> None:
         "server_version": report.primary.version,
         **served_json(written.primary, report, "written_to"),
         "insert_method": written.method,
-        "users_inserted": written.users,
+        "users_inserted": written.stored,  # by the server's count: fewer than users_sent if it kept some out
+        "users_sent": written.users,
         "commit_lsn": written.commit_lsn,
         "catchup": [{"replica": name, "seconds": round(seconds, 4)} for name, seconds in report.catchup.items()],
         "inserted": [
@@ -1666,7 +1693,7 @@ def still_behind(lag: int | None, elapsed: float) -> str:
 
 def committed(written: Written) -> str:
     where = f"{written.primary.service} (commit LSN {written.commit_lsn})"
-    return f"{written.users:,} users were committed on {where} and stay in the table; do not run again to retry them"
+    return f"{written.stored:,} users were committed on {where} and stay in the table; do not run again to retry them"
 
 
 class CommitRefused(DemoError):
@@ -1754,7 +1781,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
     if shard:
         where = f"{shard} {cause(shard, error)}"
         if stage == "during":
-            message = f"{where} during the COMMIT: whether the {written.users:,} users were committed is unknown"
+            message = f"{where} during the COMMIT: whether the {written.stored:,} users were committed is unknown"
             return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
         return DemoError(
             f"{where} during the insert (master-db was waiting on it); nothing was written", ExitCode.SHARD_DOWN
@@ -1816,7 +1843,7 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
     if standbys is not None:
         waits = (
             f"wrote the COMMIT of transaction {xid}, and still waits for a synchronous standby "
-            f"(synchronous_standby_names = '{standbys}') to confirm it: the {written.users:,} users are committed "
+            f"(synchronous_standby_names = '{standbys}') to confirm it: the {written.stored:,} users are committed "
             "there, and other sessions see them once a standby confirms or the wait is cancelled; do not run again "
             "to retry them"
         )
@@ -1826,14 +1853,14 @@ def outcome_of_the_commit(written: Written, error: BaseException, xid: str | Non
     sharded = bool(watched_shards(primary.watchdog))
     said = f"{primary.service} says its transaction {xid} is '{status}' (pg_xact_status)"
     if status == "committed":
-        kept = f"the {written.users:,} users were committed and stay in the table; do not run again to retry them"
+        kept = f"the {written.stored:,} users were committed and stay in the table; do not run again to retry them"
         return DemoError(f"{what}, but {said}: {kept}", exit_code or ExitCode.AFTER_COMMIT)
     if status == "aborted" and not sharded:
         return DemoError(f"{what}, but {said}: nothing was written", exit_code or ExitCode.PRIMARY_LOST)
     if status == "aborted":  # but a shard may have committed its part before: run() has them counted
         return CommitRefused(primary, written.ids, f"{what}, but {said}", exit_code or ExitCode.PRIMARY_LOST)
     why = f"{primary.service} could not be asked" if status is None else said  # 'in progress'
-    message = f"{what}: whether the {written.users:,} users were committed is unknown ({why})"
+    message = f"{what}: whether the {written.stored:,} users were committed is unknown ({why})"
     return DemoError(f"{message}; count the rows of tbl_users before running again", ExitCode.COMMIT_UNKNOWN)
 
 

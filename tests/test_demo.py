@@ -314,6 +314,10 @@ def test_users_that_the_reads_do_not_find_are_not_told_as_in_the_table(cluster: 
     with connect(cluster.primary, dbname="without_bob") as primary:
         stored = [name for (name,) in primary.execute("SELECT first_name FROM tbl_users ORDER BY id")]
     assert stored == ["John", "Jane", "Alice", "Charlie"]
+    assert report.written.stored == 4  # the INSERT's own count: "INSERT 0 4"
+    inserted = next(line for line in lines if line.startswith("Inserted "))
+    assert inserted.startswith("Inserted 4 of 5 users (ORM) in one transaction on master-db ")
+    assert lines[lines.index(inserted) + 1] == "By its own count, it kept 1 out (a rule or a trigger, say)."
     users = {line.split()[0]: line for line in lines if re.match(r"  \w+ +[0-9a-f-]{36} ", line)}
     assert list(users) == ["John", "Jane", "Bob", "Alice", "Charlie"]
     assert users["Bob"].endswith(" -> not found  MISMATCH")
@@ -334,6 +338,25 @@ def test_a_user_that_the_reads_do_not_find_fails_the_run_after_the_report(cluste
     ]
     assert " -> not found  MISMATCH" in result.stdout
     assert counts_everywhere(cluster, "still_without_bob") == [4, 4, 4]
+
+
+@pytest.mark.parametrize("users", [5, 200], ids=["ORM", "COPY"])
+def test_rows_that_a_trigger_keeps_out_are_not_told_as_inserted(cluster: LocalCluster, users: int) -> None:
+    # A BEFORE trigger that returns NULL drops a row without an error, for an INSERT and a COPY alike (a rule would
+    # not see a COPY). The demo says how many the server stored, by its own count, and the run exits 11.
+    settings = database_with_tbl_users(
+        cluster,
+        f"no_bobs_{users}",
+        "CREATE FUNCTION no_bobs() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN IF NEW.first_name LIKE 'Bob%' THEN RETURN NULL; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER no_bobs BEFORE INSERT ON tbl_users FOR EACH ROW EXECUTE FUNCTION no_bobs()",
+    )
+    result = run_demo(cluster, "--users", str(users), "--json", env=settings)
+    assert result.returncode == 11, result.stderr
+    report = json.loads(result.stdout)
+    bobs = users // 5  # user_name(): Bob, then Bob-7, Bob-12, ...
+    assert (report["users_sent"], report["users_inserted"]) == (users, users - bobs)
+    assert counts_everywhere(cluster, f"no_bobs_{users}") == [users - bobs] * 3
 
 
 def test_show_0_lists_no_rows_and_says_so(run_in_process) -> None:  # type: ignore[no-untyped-def]
