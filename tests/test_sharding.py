@@ -934,11 +934,11 @@ def test_a_shard_whose_server_process_crashes_during_the_insert_is_told_as_a_con
     original = sharding_demo.commit
 
     def crash_shard_two_then_commit(primary: Any, ids: Any, predicted: Any, method: str, write: Any, *rest: Any) -> Any:
-        def crash_then_write(session: Any) -> None:
+        def crash_then_write(session: Any) -> int:
             session.execute(sqlalchemy.text("SELECT FROM tbl_users_p1 LIMIT 1"))  # master-db connects to shard-two
             for [pid] in shard_two.query("SELECT pid FROM pg_stat_activity WHERE usename = 'coordinator'"):
                 os.kill(int(str(pid)), signal.SIGKILL)
-            write(session)
+            return write(session)
 
         return original(primary, ids, predicted, method, crash_then_write, *rest)
 
