@@ -1717,6 +1717,7 @@ class CommitRefused(DemoError):
             try:
                 # New connections: a shard that crashed and restarted meanwhile has closed the pooled ones.
                 shard.engine.dispose()
+                once_it_lets_in(shard)
                 settled = wait_for_commits_in_flight(shard)
                 count = sum(users_on_shard(shard, self.ids).values())
             except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM or SIGHUP: ask no more shards
@@ -1745,6 +1746,23 @@ class CommitRefused(DemoError):
         if interruption is not None:
             return interrupted(interruption, f"while the shards were counted: {outcome}")
         return outcome
+
+
+def once_it_lets_in(shard: Server) -> None:
+    """Wait, for up to stall_timeout seconds, while the shard turns connections away for now: when one of its server
+    processes crashes (the one that was committing, say), its postmaster ends the others and replays the WAL first
+    (crash recovery), and meanwhile says "the database system is in recovery mode". Its count then says what its
+    recovery kept. (That is SQLSTATE 57P03, cannot_connect_now, which psycopg cannot give for a new connection: its
+    words are all there is.) A shard that is down, or refuses for another reason, is counted at once, and fails."""
+    deadline = time.monotonic() + shard.watchdog.stall_timeout
+    while time.monotonic() < deadline:
+        try:
+            with shard.engine.connect():
+                return
+        except DATABASE_ERRORS as error:
+            if "the database system is" not in one_line(error):
+                return
+        time.sleep(0.1)
 
 
 # The transactions that hold an xid on a server now, as pg_stat_activity shows them to any user; and how many of
