@@ -583,7 +583,7 @@ def add_users(session: Session, models: list[User]) -> int:
     """The ORM's INSERTs, sent now (flush), inside the transaction; returns how many rows the server says they
     stored. A rule (DO INSTEAD NOTHING) or a trigger can keep a row out without an error: only each INSERT's own
     count, its command tag ("INSERT 0 4"), says so. The ORM does not return it, but each statement's cursor has it."""
-    counts = []
+    counts: list[int] = []
 
     def count(connection: Any, cursor: Any, *_: Any) -> None:
         counts.append(cursor.rowcount)
