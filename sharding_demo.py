@@ -653,10 +653,8 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
     try:
         while waiting:
             for replica in list(waiting):
-                # AUTOCOMMIT: each question is a transaction of its own, which sees the replica as it is now,
-                # and the replica's statement log shows it alone, without a BEGIN and a ROLLBACK around it.
-                try:
-                    with replica.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                try:  # a transaction per question: each sees the replica as it is now
+                    with replica.engine.connect() as connection:
                         *identity, lag = connection.execute(CAUGHT_UP, {"lsn": commit_lsn}).one()
                     problem = router.not_a_standby(replica, identity)
                 except DATABASE_ERRORS as error:
