@@ -653,7 +653,10 @@ def wait_for_replicas(router: ReadWriteRouter, commit_lsn: str, timeout: float) 
     try:
         while waiting:
             for replica in list(waiting):
-                try:  # a transaction per question: each sees the replica as it is now
+                # A transaction per question: each sees the replica as it is now. (Not AUTOCOMMIT: that would
+                # drop the engine's READ COMMITTED for the session's default isolation, which a hot standby
+                # refuses if PGOPTIONS makes it 'serializable'; test_misuse.py.)
+                try:
                     with replica.engine.connect() as connection:
                         *identity, lag = connection.execute(CAUGHT_UP, {"lsn": commit_lsn}).one()
                     problem = router.not_a_standby(replica, identity)
