@@ -1816,7 +1816,7 @@ def failure_of_the_write(written: Written, stage: str, error: BaseException, xid
         return outcome_of_the_commit(written, error, xid)
     if isinstance(error, KeyboardInterrupt):
         return interrupted(error, "before the commit: nothing was written")
-    if sqlstate(error) == "57014":
+    if sqlstate(error) == "57014" and not from_a_shard(error):  # a shard's cancel is its answer: told below
         what = f"cancelled the insert (a statement_timeout, or a cancel request): {one_line(error)}"
         return DemoError(f"{primary} {what}; nothing was written", ExitCode.REFUSED)
     if primary.service in primary.watchdog.gave_up_on:

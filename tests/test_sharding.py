@@ -325,6 +325,33 @@ def test_a_shard_that_refuses_a_row_is_told_as_the_shard_s_answer(sharded: Local
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
 
 
+def test_a_statement_that_a_shard_cancels_is_told_as_the_shard_s_answer(sharded: LocalCluster) -> None:
+    # shard-two's statement_timeout for the coordinator's role cancels master-db's INSERT there: a statement trigger
+    # dawdles past it. The cancel is the shard's, passed on by postgres_fdw, not master-db's own.
+    shard_two = shard_of(sharded, "shard-two")
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    partitions = partitions_on(shard_two)
+    shard_two.execute(
+        "CREATE FUNCTION dawdle() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"
+    )
+    for name in partitions:
+        shard_two.execute(f"CREATE TRIGGER dawdle BEFORE INSERT ON {name} FOR EACH STATEMENT EXECUTE FUNCTION dawdle()")
+    shard_two.execute("ALTER ROLE coordinator SET statement_timeout = '200ms'")  # read as master-db's session opens
+    try:
+        result = run_demo(sharded)
+    finally:
+        shard_two.execute("ALTER ROLE coordinator RESET statement_timeout")
+        for name in partitions:
+            shard_two.execute(f"DROP TRIGGER dawdle ON {name}")
+        shard_two.execute("DROP FUNCTION dawdle()")
+    assert result.returncode == 7, result.stderr
+    assert result.stderr.strip() == (
+        f"sharding_demo.py: error: {named(sharded.primary)} refused the insert: canceling statement due to statement "
+        "timeout (a shard's answer, which postgres_fdw passed on); nothing was written"
+    )
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
 @pytest.mark.parametrize("users", [100, 1000])  # the ORM path, and the bulk path (COPY)
 def test_a_commit_that_half_fails_says_what_each_shard_kept(sharded: LocalCluster, users: int) -> None:
     shard_two = shard_of(sharded, "shard-two")
