@@ -1017,6 +1017,46 @@ def test_a_shard_whose_server_process_crashes_at_its_commit_is_told_as_a_connect
 # ------------------------------------------------------------------------------------------------
 
 
+def test_a_shard_whose_server_process_crashes_during_a_read_is_told_as_a_connection_lost(
+    sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # After the commit, a replica reads shard-two's partition through postgres_fdw, and the server process on
+    # shard-two that serves that connection dies (SIGKILL) in the middle of the read's transaction. The replica
+    # answered, so no other replica is tried; the read fails, told as a connection to a shard lost, and the users stay.
+    shard_two = shard_of(sharded, "shard-two")
+    before = sum(len(ids_on(shard)) for shard in sharded.shards)
+    original = sharding_demo.partition_contents
+    replicas = {replica.name for replica in sharded.replicas}
+
+    def crash_shard_two_then_read(session: Any, partition: Any, show: int) -> Any:
+        if partition.shard == "shard-two":
+            session.execute(sqlalchemy.text("SELECT FROM tbl_users_p1 LIMIT 1"))  # the replica reaches shard-two
+            for [pid] in shard_two.query("SELECT pid FROM pg_stat_activity WHERE usename = 'coordinator'"):
+                os.kill(int(str(pid)), signal.SIGKILL)
+        return original(session, partition, show)
+
+    monkeypatch.setattr(sharding_demo, "partition_contents", crash_shard_two_then_read)
+    try:
+        with pytest.raises(sharding_demo.DemoError) as failure:
+            run_here(sharded, monkeypatch, tmp_path, users=5)
+    finally:
+        assert wait_until(lambda: lets_in(shard_two), timeout=60)  # its postmaster restarts it: crash recovery
+    assert failure.value.exit_code == 6
+    message = str(failure.value)
+    match = re.fullmatch(
+        r"failed after the commit: a read from (\S+) \(127\.0\.0\.1:\d+\) failed: server closed the connection "
+        r"unexpectedly \(a connection to a shard, lost: postgres_fdw's words\); 5 users were committed on master-db .*",
+        message,
+    )
+    assert match is not None and match[1] in replicas, message
+    assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
+    monkeypatch.undo()
+    result = run_demo(sharded, "--json")  # once shard-two has recovered, the next run reads through it as usual
+    assert result.returncode == 0, result.stderr  # 0: every user where predicted, on each shard too
+    partitions = json.loads(result.stdout)["partitions"]
+    assert sum(p["actual"] for p in partitions) == 5 and all(p["in_recovery"] for p in partitions)
+
+
 def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> None:
     assert run_demo(sharded, "--users", "2000").returncode == 0
     shard_one, shard_two = shard_of(sharded, "shard-one"), shard_of(sharded, "shard-two")
