@@ -392,13 +392,18 @@ class PrimaryFacts:
 IDENTITY = "SELECT pg_is_in_recovery(), system_identifier, pg_postmaster_start_time() FROM pg_control_system()"
 
 # tbl_users' partitions: pg_inherits links each to it; pg_foreign_table says on which foreign server
-# (postgres_fdw) a partition is stored, if it is a foreign table.
+# (postgres_fdw) a partition is stored, if it is a foreign table, and, in its options, as which table there
+# (schema_name and table_name; each is the foreign table's own unless set).
 PARTITIONS = """
     SELECT c.oid, n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), replace(s.srvname, '_', '-'),
            c.relkind, pg_get_partkeydef(i.inhparent),
-           has_table_privilege(c.oid, 'SELECT') AND has_schema_privilege(n.oid, 'USAGE')
+           has_table_privilege(c.oid, 'SELECT') AND has_schema_privilege(n.oid, 'USAGE'),
+           coalesce(o.schema_name, n.nspname), coalesce(o.table_name, c.relname)
     FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
     LEFT JOIN pg_foreign_table AS f ON f.ftrelid = c.oid LEFT JOIN pg_foreign_server AS s ON s.oid = f.ftserver
+    LEFT JOIN LATERAL (SELECT max(option_value) FILTER (WHERE option_name = 'schema_name') AS schema_name,
+                              max(option_value) FILTER (WHERE option_name = 'table_name') AS table_name
+                       FROM pg_options_to_table(f.ftoptions)) AS o ON true
     WHERE i.inhparent = to_regclass('tbl_users') ORDER BY c.relname"""
 
 
@@ -414,12 +419,13 @@ def check_primary(primary: Server) -> PrimaryFacts:
     except DATABASE_ERRORS as error:
         raise primary_failed(primary, error) from None
     partitions = []
-    for oid, schema, name, bound, shard, *kind_key_readable in rows:
+    for oid, schema, name, bound, shard, *kind_key_readable_remote in rows:
         match = re.fullmatch(r"FOR VALUES WITH \(modulus (\d+), remainder (\d+)\)", bound)
-        # a plain table ("r"), or a foreign table ("f") on a shard; hashed on id; readable by us
-        expected = ["r" if shard is None else "f", "HASH (id)", True]
-        if kind_key_readable != expected or match is None or shard not in (None, "shard-one", "shard-two"):
-            raise unusable_partition(primary, f"{schema}.{name}", shard, *kind_key_readable)
+        # a plain table ("r"), or a foreign table ("f") on a shard; hashed on id; readable by us; stored there (a
+        # foreign table) under its own schema and name, so that step 6 finds each row on the shard by its name
+        expected = ["r" if shard is None else "f", "HASH (id)", True, schema, name]
+        if kind_key_readable_remote != expected or match is None or shard not in (None, "shard-one", "shard-two"):
+            raise unusable_partition(primary, f"{schema}.{name}", shard, *kind_key_readable_remote)
         partitions.append(Partition(oid, schema, name, int(match[1]), int(match[2]), bound, shard))
     facts = PrimaryFacts(str(version), identity, partitions)  # type: ignore[arg-type]
     if identity[0] or not partitions or uncovered_remainders(partitions):
@@ -427,11 +433,14 @@ def check_primary(primary: Server) -> PrimaryFacts:
     return facts
 
 
-# The partitions (:names) that a server does not store as tables of its own, each a partition with the bound
-# (:bounds) that master-db gives it. master-db and its replicas have foreign tables of those names: not shards.
+# The partitions (:names, in :schemas) that a server does not store as tables of its own, each a partition with the
+# bound (:bounds) that master-db gives it. master-db and its replicas have foreign tables of those names: not shards.
+# format('%I.%I') quotes each name, as postgres_fdw does: to_regclass('Tbl_P0') alone would find tbl_p0.
 NOT_STORED_HERE = text("""
-    SELECT expected.name FROM unnest(CAST(:names AS text[]), CAST(:bounds AS text[])) AS expected (name, bound)
-    LEFT JOIN pg_class AS c ON c.oid = to_regclass(expected.name)
+    SELECT expected.name
+    FROM unnest(CAST(:schemas AS text[]), CAST(:names AS text[]), CAST(:bounds AS text[]))
+         AS expected (schema, name, bound)
+    LEFT JOIN pg_class AS c ON c.oid = to_regclass(format('%I.%I', expected.schema, expected.name))
     WHERE c.relkind IS DISTINCT FROM 'r' OR pg_get_expr(c.relpartbound, c.oid) IS DISTINCT FROM expected.bound""")
 
 
@@ -445,10 +454,11 @@ def check_shard(shard: Server, primary: Server, facts: PrimaryFacts) -> Server:
     server that master-db stores them on (a setting that points at another server, or at a look-alike
     elsewhere), stops the run, and nothing is written on any shard."""
     stored_here = [partition for partition in facts.partitions if partition.shard == shard.service]
-    names, bounds = [p.name for p in stored_here], [p.bound for p in stored_here]
+    names = [p.name for p in stored_here]
+    expected = {"schemas": [p.schema for p in stored_here], "names": names, "bounds": [p.bound for p in stored_here]}
     try:
         with shard.engine.connect() as connection:
-            missing = list(connection.scalars(NOT_STORED_HERE, {"names": names, "bounds": bounds}))
+            missing = list(connection.scalars(NOT_STORED_HERE, expected))
             # Step 6 reads the shard's own tbl_users, to prove where each row is: may this user read it?
             readable = connection.scalar(text("SELECT has_table_privilege(to_regclass('tbl_users'), 'SELECT')"))
             itself = tuple(connection.execute(text(WHO_IS_THE_SHARD)).one())
@@ -1526,7 +1536,10 @@ LAYOUT_THE_DEMO_KNOWS = (
 )
 
 
-def unusable_partition(primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool) -> DemoError:
+def unusable_partition(
+    primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool, *stored_as: str
+) -> DemoError:
+    remote = ".".join(stored_as)  # the table postgres_fdw reads and writes, if a foreign table: schema.table
     if key != "HASH (id)":
         what = f"has tbl_users partitioned by {key}"
     elif kind not in ("r", "f"):
@@ -1535,6 +1548,8 @@ def unusable_partition(primary: Server, name: str, shard: str | None, kind: str,
         what = f"has {name}, a foreign table on a server that is not one of the demo's shards ({shard})"
     elif not readable:
         what = f"has {name}, a partition that this user may not read (SELECT on it, USAGE on its schema)"
+    elif remote != name:  # OPTIONS (table_name 'tbl_users_p3') on tbl_users_p1, say: a copy and paste
+        what = f"has {name}, a foreign table stored on {shard} as {remote}, not under its own name"
     else:
         what = f"has {name}, which is not a hash partition"
     message = f"{primary} {what}; {LAYOUT_THE_DEMO_KNOWS}; nothing was written"

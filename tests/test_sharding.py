@@ -1131,6 +1131,45 @@ def test_a_partition_kept_on_master_db_is_not_said_to_be_on_a_shard(sharded: Loc
 # ------------------------------------------------------------------------------------------------
 
 
+def test_a_foreign_table_that_stores_its_rows_in_another_partition_s_table_is_refused(sharded: LocalCluster) -> None:
+    # A copy and paste in a move: master-db's tbl_users_p1 made with OPTIONS (table_name 'tbl_users_p3'). Its rows
+    # are refused on shard-two (p3's bound), and a read of p1 through master-db shows p3's rows: the report would
+    # list them under p1, and count them twice. The demo refuses the layout before the write.
+    before = {shard.name: len(ids_on(shard)) for shard in sharded.shards}
+    sharded.primary.execute("ALTER FOREIGN TABLE tbl_users_p1 OPTIONS (SET table_name 'tbl_users_p3')")
+    try:
+        result = run_demo(sharded, "--users", "20")  # some are certainly for p1
+    finally:
+        sharded.primary.execute("ALTER FOREIGN TABLE tbl_users_p1 OPTIONS (SET table_name 'tbl_users_p1')")
+    assert result.returncode == 5, result.stderr
+    assert result.stderr.startswith(
+        f"sharding_demo.py: error: {named(sharded.primary)} has public.tbl_users_p1, a foreign table stored on "
+        "shard-two as public.tbl_users_p3, not under its own name; the demo predicts where rows land only in "
+    ), result.stderr
+    assert result.stderr.endswith("; nothing was written\n")
+    assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
+
+
+def test_a_partition_whose_name_needs_quoting_is_found_on_its_shard(sharded: LocalCluster) -> None:
+    # "Tbl_Users_P1" on master-db and on shard-two. The check that shard-two stores it asks for it quoted, as
+    # postgres_fdw does; unquoted, to_regclass() would fold it to tbl_users_p1, find nothing, and refuse the shard.
+    shard_two = shard_of(sharded, "shard-two")
+    shard_two.execute('ALTER TABLE tbl_users_p1 RENAME TO "Tbl_Users_P1"')
+    sharded.primary.execute('ALTER FOREIGN TABLE tbl_users_p1 RENAME TO "Tbl_Users_P1"')
+    sharded.primary.execute("""ALTER FOREIGN TABLE "Tbl_Users_P1" OPTIONS (SET table_name 'Tbl_Users_P1')""")
+    try:
+        result = run_demo(sharded, "--json", "--users", "40")
+    finally:
+        sharded.primary.execute("""ALTER FOREIGN TABLE "Tbl_Users_P1" OPTIONS (SET table_name 'tbl_users_p1')""")
+        sharded.primary.execute('ALTER FOREIGN TABLE "Tbl_Users_P1" RENAME TO tbl_users_p1')
+        shard_two.execute('ALTER TABLE "Tbl_Users_P1" RENAME TO tbl_users_p1')
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    p1 = next(p for p in report["partitions"] if p["name"] == "Tbl_Users_P1")
+    assert p1["stored_on"] == "shard-two" and p1["predicted"] == p1["actual"] > 0
+    assert report["on_shards"]["shard-two"]["Tbl_Users_P1"] == p1["predicted"]
+
+
 def test_the_compose_profile_adds_two_shards_as_the_launcher_starts_them() -> None:
     import yaml
 
