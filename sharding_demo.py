@@ -1614,16 +1614,19 @@ def shard_unseen(shard: Server, names: list[str], asked: str, primary: Server, e
 
 
 def not_that_shard(shard: Server, names: list[str], itself: tuple[Any, ...], seen: tuple[Any, ...]) -> DemoError:
-    """The shard's settings reach a server that holds the same tables, but is not the one master-db stores on."""
+    """The shard's settings reach a server that holds the same tables, but is not the one master-db stores on. Which
+    side is wrong, the demo cannot tell: the shard's settings, or master-db's foreign server (ALTER SERVER shard_one
+    OPTIONS (SET port ...), say). Their addresses differ anyway under compose (localhost:5435 and shard-one:5432)."""
     (identifier, started_at, database), (their_identifier, their_start, their_database) = itself, seen
-    theirs, fix = f"master-db's {shard.service}", to_check(shard.settings, "host", "port")
+    theirs, fix, options = f"master-db's {shard.service}", to_check(shard.settings, "host", "port"), "host and port"
     if identifier != their_identifier:
         what = f"another cluster (system identifier {identifier}; {theirs} has {their_identifier})"
     elif started_at != their_start:
         what = f"another server of its cluster, a copy (started at {started_at}; {theirs} at {their_start})"
     else:
         what = f"another database ({database}; {theirs} is database {their_database})"
-        fix = to_check(shard.settings, "name")
+        fix, options = to_check(shard.settings, "name"), "dbname"
+    fix += f", or the {options} of master-db's foreign server {shard.service.replace('-', '_')}"
     message = f"{shard} is not the server that master-db stores {', '.join(names)} on: {what}: {fix}"
     return DemoError(f"{message}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 

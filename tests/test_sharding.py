@@ -648,7 +648,10 @@ def test_a_shard_setting_that_points_at_a_look_alike_is_refused_before_the_write
     )
     assert line.startswith(prefix)
     fix = "check SHARD_ONE_NAME" if look_alike == "another database" else "check SHARD_ONE_HOST and SHARD_ONE_PORT"
-    assert line.endswith(f"): {fix}; nothing was written on any shard")
+    options = "dbname" if look_alike == "another database" else "host and port"
+    assert line.endswith(
+        f"): {fix}, or the {options} of master-db's foreign server shard_one; nothing was written on any shard"
+    )
     why = line.removeprefix(prefix)
     [[one]], [[two]] = shard_one.query(IDENTIFIER), shard_two.query(IDENTIFIER)
     if look_alike == "another cluster":
@@ -658,6 +661,29 @@ def test_a_shard_setting_that_points_at_a_look_alike_is_refused_before_the_write
     else:
         assert why.startswith("another server of its cluster, a copy (started at ")
         assert f"; master-db's shard-one at {started})" in why
+    assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
+
+
+def test_a_foreign_server_on_master_db_that_points_at_another_shard_is_refused_before_the_write(
+    sharded: LocalCluster,
+) -> None:
+    # The other side of the same mistake: SHARD_ONE_* reach shard-one, but master-db's foreign server shard_one
+    # points at shard-two. master-db would send p0 and p2 there (where shard-two has no such tables).
+    shard_one, shard_two = shard_of(sharded, "shard-one"), shard_of(sharded, "shard-two")
+    before = {node.name: len(ids_on(node)) for node in sharded.shards}
+    sharded.primary.execute(f"ALTER SERVER shard_one OPTIONS (SET port '{shard_two.port}')")
+    try:
+        result = run_demo(sharded)
+    finally:
+        sharded.primary.execute(f"ALTER SERVER shard_one OPTIONS (SET port '{shard_one.port}')")
+    assert result.returncode == 9, result.stderr
+    [[one]], [[two]] = shard_one.query(IDENTIFIER), shard_two.query(IDENTIFIER)
+    assert result.stderr == (
+        f"sharding_demo.py: error: {named(shard_one)} is not the server that master-db stores tbl_users_p0, "
+        f"tbl_users_p2 on: another cluster (system identifier {one}; master-db's shard-one has {two}): check "
+        "SHARD_ONE_HOST and SHARD_ONE_PORT, or the host and port of master-db's foreign server shard_one; nothing "
+        "was written on any shard\n"
+    )
     assert {node.name: len(ids_on(node)) for node in sharded.shards} == before
 
 
