@@ -1038,11 +1038,6 @@ def test_a_shard_whose_server_process_crashes_at_its_commit_is_told_as_a_connect
     ), line
 
 
-# ------------------------------------------------------------------------------------------------
-# Rebalancing: move tbl_users_p2 from shard-one to shard-two, with docs/move-partition.sql
-# ------------------------------------------------------------------------------------------------
-
-
 def test_a_shard_whose_server_process_crashes_during_a_read_is_told_as_a_connection_lost(
     sharded: LocalCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -1081,6 +1076,11 @@ def test_a_shard_whose_server_process_crashes_during_a_read_is_told_as_a_connect
     assert result.returncode == 0, result.stderr  # 0: every user where predicted, on each shard too
     partitions = json.loads(result.stdout)["partitions"]
     assert sum(p["actual"] for p in partitions) == 5 and all(p["in_recovery"] for p in partitions)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rebalancing: move tbl_users_p2 from shard-one to shard-two, with docs/move-partition.sql
+# ------------------------------------------------------------------------------------------------
 
 
 def test_moving_a_partition_loses_and_doubles_nothing(sharded: LocalCluster) -> None:
