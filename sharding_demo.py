@@ -535,7 +535,8 @@ class ReadWriteRouter:
         while True:
             server = self.for_read()
             # REPEATABLE READ: all of `work` sees one snapshot, so a count and the rows listed agree,
-            # even while others write. Hot standbys allow it.
+            # even while others write. Hot standbys allow it. (Sharded, one snapshot per shard, each taken
+            # when `work` first reaches it: a partition's count and rows still agree. docs/sharding.md)
             engine = server.engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             try:
                 with Session(engine) as session:
