@@ -1538,9 +1538,16 @@ LAYOUT_THE_DEMO_KNOWS = (
 
 
 def unusable_partition(
-    primary: Server, name: str, shard: str | None, kind: str, key: str, readable: bool, *stored_as: str
+    primary: Server,
+    name: str,
+    shard: str | None,
+    kind: str,
+    key: str,
+    readable: bool,
+    remote_schema: str,
+    remote_table: str,
 ) -> DemoError:
-    remote = ".".join(stored_as)  # the table postgres_fdw reads and writes, if a foreign table: schema.table
+    remote = f"{remote_schema}.{remote_table}"  # the table postgres_fdw reads and writes, if a foreign table
     if key != "HASH (id)":
         what = f"has tbl_users partitioned by {key}"
     elif kind not in ("r", "f"):
