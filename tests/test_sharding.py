@@ -21,14 +21,12 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy
-import uuid6
 from psycopg import sql
 
 import sharding_demo
 from conftest import (
     PROJECT_DIR,
     a_login_role,
-    connect,
     docker_compose,
     functions_outside_the_lesson,
     holding_a_lock,
@@ -500,29 +498,20 @@ def test_an_interruption_while_the_shards_are_counted_says_the_outcome_is_unknow
 
 
 def test_a_read_across_shards_can_see_half_of_a_transaction_that_committed_whole(sharded: LocalCluster) -> None:
-    # Ann (for p0, on shard-one) and Ben (for p1, on shard-two) are inserted and committed in one transaction. A
-    # REPEATABLE READ reader on master-db that read shard-one before that commit sees Ben but not Ann: postgres_fdw
-    # opens its transaction on each shard when the reader first reaches it, and each takes its own snapshot there.
-    # On one server, the reader's one snapshot would see neither.
-    def user_for(remainder: int) -> uuid.UUID:  # a new id that the demo's own hash puts in that partition
-        user_id = uuid6.uuid7()
-        while sharding_demo.partition_row_hash(user_id.bytes) % 4 != remainder:
-            user_id = uuid6.uuid7()
-        return user_id
-
-    ann, ben = user_for(0), user_for(1)
-    by_id = "SELECT first_name, CAST(tableoid AS regclass)::text FROM tbl_users WHERE id = ANY(%s) ORDER BY 1"
-    with connect(sharded.primary) as reader, connect(sharded.primary) as writer:
-        with reader.transaction():
-            reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            reader.execute("SELECT count(*) FROM tbl_users_p0")  # its transaction, and snapshot, on shard-one
-            with writer.transaction():
-                writer.execute("INSERT INTO tbl_users (id, first_name) VALUES (%s, 'Ann'), (%s, 'Ben')", [ann, ben])
-            seen = reader.execute(by_id, [[ann, ben]]).fetchall()  # shard-two is reached only now
-        after = reader.execute(by_id, [[ann, ben]]).fetchall()
-        writer.execute("DELETE FROM tbl_users WHERE id = ANY(%s)", [[ann, ben]])
-    assert seen == [("Ben", "tbl_users_p1")]
-    assert after == [("Ann", "tbl_users_p0"), ("Ben", "tbl_users_p1")]
+    # docs/read-half-a-commit.sql: Ann (for p0, on shard-one) and Ben (for p1, on shard-two) are inserted and
+    # committed in one transaction, while a REPEATABLE READ reader on master-db has read shard-one only. The reader
+    # then sees Ben but not Ann: postgres_fdw opens its transaction on each shard when the reader first reaches it,
+    # and each shard takes its own snapshot. (On one server, the reader's one snapshot would see neither.)
+    before = len(ids_on(sharded.primary))
+    output = sharded.primary.run("psql", "-X", "-q", "-A", "-t", "-f", PROJECT_DIR / "docs" / "read-half-a-commit.sql")
+    lines = output.splitlines()
+    writer = lines.index("INSERT 0 2")  # the second session's INSERT, committed on both shards
+    assert lines[writer + 1 :] == [
+        "Ben|tbl_users_p1",  # the reader, in the transaction that had read shard-one before the commit
+        "Ann|tbl_users_p0",  # the reader, in a new transaction: both
+        "Ben|tbl_users_p1",
+    ], output
+    assert len(ids_on(sharded.primary)) == before  # the file deletes its two rows
 
 
 def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: LocalCluster) -> None:
