@@ -1598,7 +1598,10 @@ def shard_failed(shard: Server, names: list[str], error: BaseException | None, r
         fix = to_check(shard.settings, "host", "port", "name")
         what = f"{shard} does not hold {stores} as tables of its own, bound as on master-db: {fix}"
     else:
-        what = f"{shard}, which stores {stores} for master-db, {replica_failure(shard, error)}"
+        failure = replica_failure(shard, error)  # "refused the login: ...", "did not answer ...", "unreachable: ..."
+        if failure.startswith("unreachable"):  # a state, where the others say what the shard did
+            failure = "is " + failure
+        what = f"{shard}, which stores {stores} for master-db, {failure}"
     return DemoError(f"{what}; nothing was written on any shard", ExitCode.SHARD_DOWN)
 
 

@@ -538,7 +538,7 @@ def test_a_shard_that_is_down_stops_the_write_and_nothing_is_written(sharded: Lo
     assert line.startswith(
         f"sharding_demo.py: error: {named(shard_two)}, which stores tbl_users_p1, "
         "tbl_users_p3 "
-        "for master-db, unreachable: "
+        "for master-db, is unreachable: "
     )
     assert line.endswith("; nothing was written on any shard")
     assert {shard.name: len(ids_on(shard)) for shard in sharded.shards} == before
