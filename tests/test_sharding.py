@@ -1088,7 +1088,6 @@ def test_a_shard_whose_server_process_crashes_during_a_read_is_told_as_a_connect
     )
     assert match is not None and match[1] in replicas, message
     assert sum(len(ids_on(shard)) for shard in sharded.shards) == before + 5
-    monkeypatch.undo()
     result = run_demo(sharded, "--json")  # once shard-two has recovered, the next run reads through it as usual
     assert result.returncode == 0, result.stderr  # 0: every user where predicted, on each shard too
     partitions = json.loads(result.stdout)["partitions"]
